@@ -1,0 +1,431 @@
+"""MovieLens ratings: files on disk (or downloaded and verified), the study's preprocessing, five random
+80:20 splits, and a LightningDataModule whose batches are sparse rows.
+
+The rating matrix is kept as scipy.sparse CSR throughout: ML-1M is 95.5% empty, so nothing here ever
+builds a dense users x items array.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import lightning as L
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message names the file (and line) at fault."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Datasets: where the files live and how to read them
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One MovieLens release: its archive, its ratings file and that file's format."""
+
+    dirname: str  # folder inside the archive and under the data root, e.g. "ml-1m"
+    ratings_file: str
+    separator: str
+    url: str
+    md5: str  # of the official archive, as published by GroupLens
+    header: bool = False
+    rating_min: float = 1.0
+    rating_max: float = 5.0
+
+
+GROUPLENS = "https://files.grouplens.org/datasets/movielens"
+DATASETS: dict[str, DatasetSpec] = {
+    "ml100k": DatasetSpec("ml-100k", "u.data", "\t", f"{GROUPLENS}/ml-100k.zip", "0e33842e24a9c977be4e0107933c0723"),
+    "ml1m": DatasetSpec("ml-1m", "ratings.dat", "::", f"{GROUPLENS}/ml-1m.zip", "c4d9eecfca2ab87c1945afe126590906"),
+}
+
+
+def default_data_root() -> Path:
+    """$CFAE_DATA_DIR, else the user cache directory ($XDG_CACHE_HOME/cfae or ~/.cache/cfae)."""
+    if os.environ.get("CFAE_DATA_DIR"):
+        return Path(os.environ["CFAE_DATA_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cfae"
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}: expected one of {', '.join(sorted(DATASETS))}")
+    return DATASETS[name]
+
+
+def locate_ratings(name: str, root: str | Path | None = None, download: bool = True) -> Path:
+    """Path of `name`'s ratings file under `root/<dirname>/`, downloading the archive if it is absent."""
+    spec = dataset_spec(name)
+    root = Path(root) if root is not None else default_data_root()
+    path = root / spec.dirname / spec.ratings_file
+    if path.is_file():
+        return path
+    if not download:
+        raise DataError(f"{path} not found; put the {spec.dirname} files there (from {spec.url})")
+    fetch_archive(spec, root)
+    return path
+
+
+def fetch_archive(spec: DatasetSpec, root: Path) -> None:
+    """Download `spec.url`, check its MD5, and unpack it into `root/<dirname>/` atomically.
+
+    Everything is written to a temporary folder beside the target and renamed into place only once the
+    checksum matched, so an interrupted or failed download leaves no partial dataset behind.
+    """
+    target = root / spec.dirname
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".{spec.dirname}-") as tmp:
+        archive = Path(tmp) / "archive.zip"
+        log.info("downloading %s to %s", spec.url, target)
+        try:
+            with urllib.request.urlopen(spec.url, timeout=60) as response, open(archive, "wb") as out:
+                shutil.copyfileobj(response, out)
+        except (urllib.error.URLError, OSError) as err:
+            raise DataError(
+                f"{target / spec.ratings_file} not found and {spec.url} could not be downloaded ({err}). "
+                f"Offline? Put {spec.ratings_file} from that archive in {target}/ "
+                f"or point CFAE_DATA_DIR at a folder holding {spec.dirname}/{spec.ratings_file}."
+            ) from err
+        digest = file_digest(archive, "md5")
+        if digest != spec.md5:
+            raise DataError(f"checksum mismatch for {spec.url}: md5 {digest}, expected {spec.md5}; nothing was kept")
+        unpacked = Path(tmp) / "unpacked"
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(unpacked)
+        if not (unpacked / spec.dirname / spec.ratings_file).is_file():
+            raise DataError(f"{spec.url} holds no {spec.dirname}/{spec.ratings_file}")
+        if target.exists():  # an incomplete folder without the ratings file: replace it
+            shutil.rmtree(target)
+        os.replace(unpacked / spec.dirname, target)
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parsing
+
+
+class Ratings(NamedTuple):
+    users: np.ndarray  # (n,) int64 original ids
+    items: np.ndarray  # (n,) int64 original ids
+    ratings: np.ndarray  # (n,) float32
+
+
+def read_ratings(path: str | Path, separator: str, header: bool = False,
+                 rating_min: float = 1.0, rating_max: float = 5.0) -> Ratings:
+    """Read `user<sep>item<sep>rating[<sep>timestamp]` lines.
+
+    The file is parsed in one vectorised pass; only if that finds a problem is it walked line by line,
+    to name the first bad line in the error.
+    """
+    path = Path(path)
+    text = path.read_bytes()
+    first = text.index(b"\n") + 1 if header and b"\n" in text else (len(text) if header else 0)
+    body = text[first:]
+    lines = body.count(b"\n") + (0 if body.endswith(b"\n") or not body else 1)
+    try:
+        tokens = np.array(body.replace(separator.encode(), b" ").split())
+        table = tokens.reshape(lines, -1)
+        if table.shape[1] not in (3, 4):
+            raise ValueError
+        users = table[:, 0].astype(np.int64)
+        items = table[:, 1].astype(np.int64)
+        ratings = table[:, 2].astype(np.float32)
+    except ValueError:
+        raise _first_bad_line(path, text, separator, header, rating_min, rating_max) from None
+    if not (np.all(ratings >= rating_min) and np.all(ratings <= rating_max)):
+        raise _first_bad_line(path, text, separator, header, rating_min, rating_max)
+    if len(ratings) == 0:
+        raise DataError(f"{path}: no ratings")
+    return Ratings(users, items, ratings)
+
+
+def _first_bad_line(path, text, separator, header, rating_min, rating_max) -> DataError:
+    lines = text.decode("utf-8", errors="replace").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
+        if header and number == 1:
+            continue
+        fields = line.strip("\r").split(separator)
+        where = f"{path}:{number}: {line[:80]!r}"
+        if len(fields) not in (3, 4):
+            return DataError(f"{where}: expected 3 or 4 fields separated by {separator!r}, got {len(fields)}")
+        try:
+            int(fields[0]), int(fields[1])
+            rating = float(fields[2])
+        except ValueError:
+            return DataError(f"{where}: user and item must be integers and the rating a number")
+        if not rating_min <= rating <= rating_max:
+            return DataError(f"{where}: rating {rating:g} outside [{rating_min:g}, {rating_max:g}]")
+    return DataError(f"{path}: unreadable ratings file (blank lines or mixed separators?)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The study's preprocessing
+
+
+@dataclass
+class RatingMatrix:
+    """Users x items ratings after filtering, with contiguous indices."""
+
+    matrix: sp.csr_matrix  # (n_users, n_items) float32, canonical CSR (sorted, no duplicates)
+    user_ids: np.ndarray  # original id of each row
+    item_ids: np.ndarray  # original id of each column
+    dropped_items: int
+    dropped_ratings: int
+
+    @property
+    def stats(self) -> dict[str, float]:
+        n_users, n_items = self.matrix.shape
+        return {
+            "n_users": n_users,
+            "n_items": n_items,
+            "n_ratings": self.matrix.nnz,
+            "density": self.matrix.nnz / (n_users * n_items),
+            "dropped_items": self.dropped_items,
+            "dropped_ratings": self.dropped_ratings,
+        }
+
+
+def build_matrix(ratings: Ratings, min_item_ratings: int = 10, source: str = "ratings") -> RatingMatrix:
+    """Drop items with fewer than `min_item_ratings` ratings (the study's cleaning), index the rest."""
+    item_ids, item_index, item_counts = np.unique(ratings.items, return_inverse=True, return_counts=True)
+    keep_item = item_counts >= min_item_ratings
+    keep = keep_item[item_index]
+    user_ids, rows = np.unique(ratings.users[keep], return_inverse=True)
+    kept_items, cols = np.unique(item_index[keep], return_inverse=True)
+    matrix = sp.csr_matrix((ratings.ratings[keep], (rows, cols)), shape=(len(user_ids), len(kept_items)))
+    if matrix.nnz != int(keep.sum()):
+        raise DataError(f"{source}: the same (user, item) pair is rated more than once")
+    matrix.sort_indices()
+    return RatingMatrix(matrix, user_ids, item_ids[kept_items],
+                        dropped_items=int((~keep_item).sum()), dropped_ratings=int((~keep).sum()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Splits
+
+
+class Split(NamedTuple):
+    train: np.ndarray  # indices into the ratings (CSR data order)
+    val: np.ndarray
+    test: np.ndarray
+
+
+def split_ratings(n_ratings: int, fold: int, n_folds: int = 5, test_fraction: float = 0.2,
+                  val_fraction: float = 0.05, seed: int = 0) -> Split:
+    """Fold `fold` of `n_folds` independent random splits, as in the study (sec. 4.1: "the test sets are
+    not disjoint but rather sampled randomly"). The validation part is `val_fraction` of the training part.
+    """
+    if not 0 <= fold < n_folds:
+        raise DataError(f"data.fold={fold} is outside 0..{n_folds - 1}")
+    if not (0 < test_fraction < 1 and 0 <= val_fraction < 1):
+        raise DataError(f"need 0 < data.test_fraction < 1 and 0 <= data.val_fraction < 1, "
+                        f"got {test_fraction} and {val_fraction}")
+    order = np.random.default_rng([seed, fold]).permutation(n_ratings)
+    n_test = round(test_fraction * n_ratings)
+    n_val = round(val_fraction * (n_ratings - n_test))
+    return Split(train=np.sort(order[n_test + n_val:]), val=np.sort(order[n_test:n_test + n_val]),
+                 test=np.sort(order[:n_test]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batches
+
+
+class SparseRows(NamedTuple):
+    """A batch of CSR rows as torch tensors; Lightning moves it to the model's device as a whole."""
+
+    crow: torch.Tensor  # (batch + 1,) int64 row offsets into col/val
+    col: torch.Tensor  # (nnz,) int64
+    val: torch.Tensor  # (nnz,) float32
+    n_cols: int
+
+    @classmethod
+    def from_csr(cls, m: sp.csr_matrix) -> SparseRows:
+        return cls(torch.from_numpy(m.indptr.astype(np.int64)), torch.from_numpy(m.indices.astype(np.int64)),
+                   torch.from_numpy(m.data.astype(np.float32)), m.shape[1])
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.crow) - 1
+
+    def row_index(self) -> torch.Tensor:
+        """(nnz,) the row of each stored entry."""
+        rows = torch.arange(self.n_rows, device=self.crow.device)
+        return torch.repeat_interleave(rows, self.crow.diff(), output_size=len(self.col))
+
+    def to_dense(self) -> torch.Tensor:
+        dense = torch.zeros(self.n_rows, self.n_cols, device=self.val.device)  # (batch, n_cols)
+        dense[self.row_index(), self.col] = self.val
+        return dense
+
+
+class EvalBatch(NamedTuple):
+    """Rows to evaluate: their input ratings, their held-out ratings, and the fallback for each held-out
+    rating (NaN where the model's prediction is used)."""
+
+    inputs: SparseRows
+    targets: SparseRows
+    fallback: torch.Tensor  # (targets nnz,)
+
+
+class _RowBatches(torch.utils.data.Dataset):
+    """Indexed by a list of row numbers (from a BatchSampler): one vectorised CSR slice per batch."""
+
+    def __init__(self, matrix: sp.csr_matrix):
+        self.matrix = matrix
+
+    def __len__(self) -> int:
+        return self.matrix.shape[0]
+
+    def __getitem__(self, rows: list[int]) -> SparseRows:
+        return SparseRows.from_csr(self.matrix[rows])
+
+
+def fallback_predictions(inputs: sp.csr_matrix, targets: sp.csr_matrix) -> np.ndarray:
+    """For each held-out rating (in `targets`' CSR order): NaN if the model can predict it, else a
+    fallback. A rating whose row has no input ratings gets its column's mean, one whose column has no
+    input ratings gets its row's mean, and one with neither gets the global mean."""
+    global_mean = inputs.data.mean()
+    row_n = np.diff(inputs.indptr)
+    col_n = np.bincount(inputs.indices, minlength=inputs.shape[1])
+    row_mean = np.divide(np.asarray(inputs.sum(1)).ravel(), row_n, out=np.full(len(row_n), global_mean), where=row_n > 0)
+    col_mean = np.divide(np.bincount(inputs.indices, inputs.data, minlength=inputs.shape[1]), col_n,
+                         out=np.full(len(col_n), global_mean), where=col_n > 0)
+    t = targets.tocoo()
+    row_ok, col_ok = row_n[t.row] > 0, col_n[t.col] > 0
+    fallback = np.where(row_ok, row_mean[t.row], col_mean[t.col])  # a usable side's mean...
+    fallback = np.where(row_ok | col_ok, fallback, global_mean)  # ...or the global mean if neither is
+    return np.where(row_ok & col_ok, np.nan, fallback).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The DataModule
+
+
+class MovieLensDataModule(L.LightningDataModule):
+    """Sparse MovieLens rows for autoencoders.
+
+    `orientation="item"` makes each row an item's ratings by all users (I-AutoRec); `"user"` makes each
+    row a user's ratings of all items (U-AutoRec, the study's choice). Validation feeds each row's
+    training ratings and scores its validation ratings; test feeds training + validation ratings and
+    scores the test ratings, which choose nothing.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "ml1m",
+        root: str | None = None,  # None: $CFAE_DATA_DIR, else the user cache
+        download: bool = True,
+        min_item_ratings: int = 10,  # the study, sec. 4.1
+        orientation: str = "item",
+        fold: int = 0,
+        n_folds: int = 5,
+        test_fraction: float = 0.2,
+        val_fraction: float = 0.05,
+        seed: int = 0,
+        batch_size: int = 256,
+        eval_batch_size: int = 1024,
+    ):
+        super().__init__()
+        self.spec = dataset_spec(dataset)
+        if orientation not in ("item", "user"):
+            raise DataError(f"data.orientation={orientation!r}: expected 'item' or 'user'")
+        if not 0 <= fold < n_folds:
+            raise DataError(f"data.fold={fold} is outside 0..{n_folds - 1}")
+        self.dataset, self.root, self.download = dataset, root, download
+        self.min_item_ratings, self.orientation = min_item_ratings, orientation
+        self.fold, self.n_folds, self.test_fraction, self.val_fraction = fold, n_folds, test_fraction, val_fraction
+        self.seed, self.batch_size, self.eval_batch_size = seed, batch_size, eval_batch_size
+        self.prepared = False
+
+    def prepare_data(self) -> None:
+        locate_ratings(self.dataset, self.root, self.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.prepared:
+            return
+        path = locate_ratings(self.dataset, self.root, self.download)
+        spec = self.spec
+        ratings = read_ratings(path, spec.separator, spec.header, spec.rating_min, spec.rating_max)
+        rm = build_matrix(ratings, self.min_item_ratings, source=str(path))
+        self.checksum = file_digest(path)
+        self.stats = {**rm.stats, "sha256": self.checksum, "file": str(path)}
+        log.info("%s: %d users, %d items, %d ratings (dropped %d items / %d ratings with < %d ratings), sha256 %s",
+                 path, *(rm.stats[k] for k in ("n_users", "n_items", "n_ratings", "dropped_items",
+                                               "dropped_ratings")), self.min_item_ratings, self.checksum[:12])
+
+        m = rm.matrix.tocoo()
+        rows, cols = (m.row, m.col) if self.orientation == "user" else (m.col, m.row)
+        shape = m.shape if self.orientation == "user" else m.shape[::-1]
+        split = split_ratings(m.nnz, self.fold, self.n_folds, self.test_fraction, self.val_fraction, self.seed)
+
+        def part(*index_arrays: np.ndarray) -> sp.csr_matrix:
+            i = np.concatenate(index_arrays)
+            out = sp.csr_matrix((m.data[i], (rows[i], cols[i])), shape=shape)
+            out.sort_indices()
+            return out
+
+        self.train_matrix = part(split.train)  # (n_rows, n_cols)
+        self.val_matrix = part(split.val)
+        self.test_matrix = part(split.test)
+        self.train_val_matrix = part(split.train, split.val)
+        self.global_mean = float(self.train_matrix.data.mean())
+        self.prepared = True
+
+    @property
+    def n_cols(self) -> int:
+        """Width of a row: the model's input and output size."""
+        return self.train_matrix.shape[1]
+
+    @property
+    def rating_range(self) -> tuple[float, float]:
+        return self.spec.rating_min, self.spec.rating_max
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed * 1000 + self.fold)
+        sampler = BatchSampler(RandomSampler(range(self.train_matrix.shape[0]), generator=generator),
+                               self.batch_size, drop_last=False)
+        return DataLoader(_RowBatches(self.train_matrix), sampler=sampler, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._eval_batches(self.train_matrix, self.val_matrix), batch_size=None)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self._eval_batches(self.train_val_matrix, self.test_matrix), batch_size=None)
+
+    def _eval_batches(self, inputs: sp.csr_matrix, targets: sp.csr_matrix) -> list[EvalBatch]:
+        fallback = sp.csr_matrix((fallback_predictions(inputs, targets), targets.indices, targets.indptr),
+                                 shape=targets.shape)
+        rows = np.flatnonzero(np.diff(targets.indptr))  # only rows with held-out ratings need a forward pass
+        batches = []
+        for start in range(0, len(rows), self.eval_batch_size):
+            r = rows[start:start + self.eval_batch_size]
+            batches.append(EvalBatch(SparseRows.from_csr(inputs[r]), SparseRows.from_csr(targets[r]),
+                                     torch.from_numpy(fallback[r].data)))
+        return batches

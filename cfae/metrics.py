@@ -1,0 +1,37 @@
+"""Masked RMSE: the one accuracy metric every cfae model reports (the study, sec. 4.2)."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+
+class MaskedRMSE(Metric):
+    """RMSE over the observed ratings only, pooled over every batch (and every process under DDP).
+
+    `update(preds, target, mask)` takes predictions and ratings of the same shape; entries where `mask`
+    is False (unobserved cells) are ignored. Predictions are clipped to the rating scale first, since a
+    rating outside it is never right.
+    """
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, rating_min: float = 1.0, rating_max: float = 5.0, **kwargs):
+        super().__init__(**kwargs)
+        self.rating_min, self.rating_max = rating_min, rating_max
+        # Sums, not per-batch RMSEs: the average of batch RMSEs is not the RMSE.
+        self.add_state("sum_squared_error", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        if preds.shape != target.shape:
+            raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} differ in shape")
+        if mask is not None:
+            preds, target = preds[mask], target[mask]
+        error = preds.clamp(self.rating_min, self.rating_max).double() - target.double()
+        self.sum_squared_error += error.square().sum()
+        self.count += target.numel()
+
+    def compute(self) -> torch.Tensor:
+        return (self.sum_squared_error / self.count).sqrt().float()

@@ -1,0 +1,107 @@
+"""What every cfae autoencoder shares: the masked loss, the train/val/test steps, metrics, logging and
+the optimizer. A variant builds its layers and overrides `forward` (and at most one hook)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MinMetric
+
+from cfae.data import EvalBatch, SparseRows
+from cfae.metrics import MaskedRMSE
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "sigmoid": nn.Sigmoid,
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
+
+
+def activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}: expected one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+class SparseLinear(nn.Module):
+    """`x @ weight + bias` for sparse input rows, at a cost that grows with the stored ratings.
+
+    The weight is stored (in_features, out_features) so that a sparse row times it is an
+    embedding-bag sum of the weight rows its ratings select, scaled by the ratings. Dense inputs work too.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        bound = 1 / math.sqrt(in_features)  # nn.Linear's default initialisation
+        self.weight = nn.Parameter(torch.empty(in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+
+    def forward(self, x: SparseRows | Tensor) -> Tensor:
+        if isinstance(x, SparseRows):
+            return F.embedding_bag(x.col, self.weight, x.crow, per_sample_weights=x.val, mode="sum",
+                                   include_last_offset=True) + self.bias  # (batch, out_features)
+        return x @ self.weight + self.bias
+
+
+def masked_mse(out: Tensor, target: SparseRows) -> Tensor:
+    """Mean squared error over the observed entries of `target` only (dense `out`: (batch, n_cols))."""
+    pred = out[target.row_index(), target.col]  # (nnz,)
+    return F.mse_loss(pred, target.val)
+
+
+class RatingAutoencoder(L.LightningModule):
+    """Base of every autoencoder: input a batch of sparse rows, output dense rows of predicted ratings."""
+
+    def __init__(
+        self,
+        n_inputs: int,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        weight_decay: float = 0.0,  # L2 on weight matrices only (not on biases or norm scales)
+        rating_min: float = 1.0,
+        rating_max: float = 5.0,
+    ):
+        super().__init__()
+        self.n_inputs, self.weight_decay = n_inputs, weight_decay
+        self.optimizer_factory = optimizer
+        self.val_rmse = MaskedRMSE(rating_min, rating_max)
+        self.test_rmse = MaskedRMSE(rating_min, rating_max)
+        self.val_rmse_best = MinMetric()
+
+    def training_step(self, batch: SparseRows, batch_idx: int) -> Tensor:
+        loss = masked_mse(self(batch), batch)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch.val))
+        return loss
+
+    def predict_held_out(self, batch: EvalBatch) -> Tensor:
+        """(targets nnz,) predictions for the held-out ratings, the fallback where the model has none."""
+        pred = self(batch.inputs)[batch.targets.row_index(), batch.targets.col]
+        return torch.where(batch.fallback.isnan(), pred, batch.fallback)
+
+    def on_train_start(self) -> None:
+        self.val_rmse_best.reset()  # forget the sanity check's value
+
+    def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
+        self.val_rmse.update(self.predict_held_out(batch), batch.targets.val)
+        self.log("val/rmse", self.val_rmse, on_epoch=True, prog_bar=True, batch_size=len(batch.targets.val))
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_rmse_best(self.val_rmse.compute())
+        self.log("val/rmse_best", self.val_rmse_best.compute(), prog_bar=True)
+
+    def test_step(self, batch: EvalBatch, batch_idx: int) -> None:
+        self.test_rmse.update(self.predict_held_out(batch), batch.targets.val)
+        self.log("test/rmse", self.test_rmse, on_epoch=True, batch_size=len(batch.targets.val))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        decay = [p for p in self.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.ndim < 2]
+        return self.optimizer_factory(params=[{"params": decay, "weight_decay": self.weight_decay},
+                                              {"params": no_decay, "weight_decay": 0.0}])

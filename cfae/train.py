@@ -1,0 +1,71 @@
+"""train(cfg): one training run, from a composed Hydra config to an MLflow run. `train.py` wraps it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from cfae.tracking import git_commit
+
+log = logging.getLogger(__name__)
+
+OBJECTIVE = "val/rmse_best"  # what checkpointing, early stopping (via val/rmse) and sweeps optimise
+
+
+class EpochTimer(Callback):
+    """Logs `time/epoch_s`, the wall time of each training epoch (validation excluded)."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.log("time/epoch_s", time.perf_counter() - self.start)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit on the training part, early-stop on `val/rmse`, evaluate the best checkpoint on the test part."""
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.output_dir)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    # The one place where the data shapes the model: its width and rating scale.
+    rating_min, rating_max = datamodule.rating_range
+    model = instantiate(cfg.model, n_inputs=datamodule.n_cols, rating_min=rating_min, rating_max=rating_max,
+                        optimizer=instantiate(cfg.optimizer))
+
+    run_name = f"{type(model).__name__.lower()}-{cfg.data.dataset}-{cfg.data.orientation}-fold{cfg.data.fold}"
+    logger = instantiate(cfg.logger, run_name=cfg.logger.run_name or run_name) if cfg.get("logger") else False
+    if logger:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams({f"dataset/{k}": v for k, v in datamodule.stats.items()})
+        logger.experiment.set_tag(logger.run_id, "mlflow.source.git.commit", git_commit())
+        config_file = output_dir / "config.yaml"
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, config_file, resolve=True)
+        logger.experiment.log_artifact(logger.run_id, str(config_file))
+
+    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor="val/rmse",
+                                 mode="min", save_top_k=1, save_last=True)
+    callbacks = [checkpoint, EarlyStopping(monitor="val/rmse", mode="min", patience=cfg.patience), EpochTimer()]
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    fit_s = time.perf_counter() - start
+    metrics = {OBJECTIVE: float(model.val_rmse_best.compute()), "time/fit_s": fit_s,
+               "epochs": trainer.current_epoch}
+    test = trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
+    metrics["test/rmse"] = float(test["test/rmse"])
+    if logger:
+        logger.log_metrics({k: metrics[k] for k in (OBJECTIVE, "time/fit_s", "epochs")})
+        logger.experiment.log_artifact(logger.run_id, checkpoint.best_model_path, "checkpoints")
+        logger.finalize("success")
+    log.info("test/rmse=%.4f val/rmse_best=%.4f epochs=%d fit=%.1fs (best checkpoint %s)",
+             metrics["test/rmse"], metrics[OBJECTIVE], metrics["epochs"], fit_s, checkpoint.best_model_path)
+    return metrics

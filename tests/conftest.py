@@ -1,0 +1,28 @@
+from pathlib import Path
+
+import pytest
+
+from cfae.synthetic import planted_ratings, write_ratings
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """A data root holding a small synthetic ml-1m/ratings.dat (300 users x 200 items, planted rank 4)."""
+    root = tmp_path_factory.mktemp("data")
+    write_ratings(root / "ml-1m" / "ratings.dat", planted_ratings())
+    return root
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Tests never download: any attempt fails fast, as on a machine offline."""
+    import urllib.request
+
+    def refuse(url, *args, **kwargs):
+        target = getattr(url, "full_url", url)
+        if str(target).startswith("file:"):
+            return real_urlopen(url, *args, **kwargs)
+        raise urllib.error.URLError(f"tests are offline (asked for {target})")
+
+    real_urlopen = urllib.request.urlopen
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)

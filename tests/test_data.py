@@ -1,0 +1,203 @@
+import hashlib
+import zipfile
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from cfae import data
+from cfae.data import (DataError, MovieLensDataModule, Ratings, SparseRows, build_matrix, fallback_predictions,
+                       locate_ratings, read_ratings, split_ratings)
+from cfae.synthetic import planted_ratings, write_ratings
+
+
+def module(root, **kwargs) -> MovieLensDataModule:
+    dm = MovieLensDataModule(dataset="ml1m", root=str(root), download=False, **kwargs)
+    dm.setup()
+    return dm
+
+
+def as_pairs(m: sp.csr_matrix) -> set[tuple[int, int]]:
+    c = m.tocoo()
+    return set(zip(c.row.tolist(), c.col.tolist()))
+
+
+# --- reading -----------------------------------------------------------------------------------------
+
+def test_reads_both_formats_identically(tmp_path):
+    ratings = planted_ratings(n_users=20, n_items=10, density=0.5)
+    for sep in ("::", "\t"):
+        got = read_ratings(write_ratings(tmp_path / f"r{len(sep)}", ratings, separator=sep), sep)
+        np.testing.assert_array_equal(got.users, ratings.users)
+        np.testing.assert_array_equal(got.items, ratings.items)
+        np.testing.assert_array_equal(got.ratings, ratings.ratings)
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "ratings.dat"
+    path.write_text("1::10::5::978300760\n1::11::4::978300761\n2::12::oops::978300762\n")
+    with pytest.raises(DataError, match=rf"{path}:3: .*rating a number"):
+        read_ratings(path, "::")
+
+
+def test_wrong_field_count_names_the_line(tmp_path):
+    path = tmp_path / "ratings.dat"
+    path.write_text("1::10::5::978300760\n1::11\n")
+    with pytest.raises(DataError, match=rf"{path}:2: .*expected 3 or 4 fields"):
+        read_ratings(path, "::")
+
+
+def test_rating_out_of_range_names_the_line(tmp_path):
+    path = tmp_path / "ratings.dat"
+    path.write_text("1::10::5::1\n1::11::6::2\n")
+    with pytest.raises(DataError, match=rf"{path}:2: .*rating 6 outside \[1, 5\]"):
+        read_ratings(path, "::")
+
+
+def test_duplicate_pair_is_an_error():
+    with pytest.raises(DataError, match="more than once"):
+        build_matrix(Ratings(np.array([1, 1]), np.array([5, 5]), np.array([3.0, 4.0], dtype=np.float32)), 1)
+
+
+# --- locating and downloading ------------------------------------------------------------------------
+
+def test_unknown_dataset():
+    with pytest.raises(DataError, match="unknown dataset 'ml2m'.*ml100k, ml1m"):
+        MovieLensDataModule(dataset="ml2m")
+
+
+def test_missing_files_offline_say_what_to_put_where(tmp_path):
+    with pytest.raises(DataError, match=rf"{tmp_path}/ml-1m/ratings.dat not found.*Offline\? Put ratings.dat"):
+        locate_ratings("ml1m", tmp_path)  # download allowed, but the network is unreachable
+    assert list(tmp_path.iterdir()) == []  # no partial files
+
+
+def fake_archive(tmp_path, monkeypatch, md5: str | None = None):
+    """Point ml1m at a local zip (file://) so the download path runs without a network."""
+    archive = tmp_path / "ml-1m.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("ml-1m/ratings.dat", "1::1::5::0\n2::1::3::0\n")
+    real = data.DATASETS["ml1m"]
+    digest = md5 or hashlib.md5(archive.read_bytes()).hexdigest()
+    spec = data.DatasetSpec(real.dirname, real.ratings_file, real.separator, archive.as_uri(), digest)
+    monkeypatch.setitem(data.DATASETS, "ml1m", spec)
+
+
+def test_download_verifies_and_unpacks(tmp_path, monkeypatch):
+    fake_archive(tmp_path, monkeypatch)
+    root = tmp_path / "cache"
+    path = locate_ratings("ml1m", root)
+    assert path == root / "ml-1m" / "ratings.dat" and path.read_text().startswith("1::1::5")
+    assert [p.name for p in root.iterdir()] == ["ml-1m"]  # the temporary folder is gone
+
+
+def test_checksum_mismatch_leaves_no_partial_files(tmp_path, monkeypatch):
+    fake_archive(tmp_path, monkeypatch, md5="0" * 32)
+    root = tmp_path / "cache"
+    with pytest.raises(DataError, match="checksum mismatch.*expected 0000"):
+        locate_ratings("ml1m", root)
+    assert list(root.iterdir()) == []
+
+
+# --- preprocessing -----------------------------------------------------------------------------------
+
+def test_filter_drops_items_below_threshold_and_reindexes():
+    # item 7 has 3 ratings, item 8 has 2, item 9 has 1; user 3 rates only item 9
+    users = np.array([1, 2, 4, 1, 2, 3])
+    items = np.array([7, 7, 7, 8, 8, 9])
+    rm = build_matrix(Ratings(users, items, np.full(6, 4.0, dtype=np.float32)), min_item_ratings=2)
+    assert rm.stats["n_items"] == 2 and rm.dropped_items == 1 and rm.dropped_ratings == 1
+    assert rm.stats["n_users"] == 3  # user 3 lost its only rating
+    np.testing.assert_array_equal(rm.user_ids, [1, 2, 4])
+    np.testing.assert_array_equal(rm.item_ids, [7, 8])
+    assert rm.matrix.toarray().tolist() == [[4, 4], [4, 4], [4, 0]]
+
+
+# --- splits ------------------------------------------------------------------------------------------
+
+def test_split_is_disjoint_exhaustive_deterministic_and_sized():
+    n = 10_001
+    s = split_ratings(n, fold=2)
+    all_idx = np.concatenate([s.train, s.val, s.test])
+    assert len(all_idx) == n and len(np.unique(all_idx)) == n  # disjoint and exhaustive
+    assert len(s.test) == round(0.2 * n) and len(s.val) == round(0.05 * (n - len(s.test)))
+    again = split_ratings(n, fold=2)
+    assert all(np.array_equal(a, b) for a, b in zip(s, again))
+    assert not np.array_equal(s.test, split_ratings(n, fold=3).test)  # folds are different draws
+    assert not np.array_equal(s.test, split_ratings(n, fold=2, seed=1).test)
+
+
+@pytest.mark.parametrize("fold", [-1, 5])
+def test_fold_outside_range(fold):
+    with pytest.raises(DataError, match=rf"data.fold={fold} is outside 0..4"):
+        MovieLensDataModule(fold=fold)
+
+
+@pytest.mark.parametrize("orientation", ["item", "user"])
+def test_no_held_out_rating_inside_an_input(data_root, orientation):
+    dm = module(data_root, orientation=orientation)
+    train, val, test = as_pairs(dm.train_matrix), as_pairs(dm.val_matrix), as_pairs(dm.test_matrix)
+    assert not (train & val) and not (train & test) and not (val & test)
+    total = planted_ratings()
+    assert len(train) + len(val) + len(test) == len(total.ratings)
+    val_inputs = set().union(*(pairs_of(b.inputs, rows) for b, rows in eval_batches(dm.val_dataloader(), dm.val_matrix)))
+    test_inputs = set().union(*(pairs_of(b.inputs, rows) for b, rows in eval_batches(dm.test_dataloader(), dm.test_matrix)))
+    assert val_inputs <= train and not (val_inputs & val)
+    assert test_inputs <= train | val and not (test_inputs & test)
+
+
+def eval_batches(loader, targets):
+    rows = np.flatnonzero(np.diff(targets.indptr))
+    start = 0
+    for batch in loader:
+        yield batch, rows[start:start + batch.inputs.n_rows]
+        start += batch.inputs.n_rows
+    assert start == len(rows)  # every row with a held-out rating is evaluated
+
+
+def pairs_of(rows_batch: SparseRows, rows) -> set[tuple[int, int]]:
+    r = rows[rows_batch.row_index().numpy()]
+    return set(zip(r.tolist(), rows_batch.col.tolist()))
+
+
+def test_orientation_transposes(data_root):
+    item, user = module(data_root, orientation="item"), module(data_root, orientation="user")
+    assert (item.train_matrix != user.train_matrix.T).nnz == 0
+    assert item.n_cols == 300 and user.n_cols == 200
+
+
+def test_every_training_row_is_served_once_per_epoch(data_root):
+    dm = module(data_root, batch_size=64)  # 200 item rows: batches of 64, 64, 64 and 8
+    batches = list(dm.train_dataloader())
+    assert [b.n_rows for b in batches] == [64, 64, 64, 8]
+    assert sum(len(b.val) for b in batches) == dm.train_matrix.nnz
+    assert sorted(np.concatenate([b.val.numpy() for b in batches])) == sorted(dm.train_matrix.data)
+
+
+def test_sparse_rows_densify_to_the_csr_matrix():
+    m = sp.random(5, 7, density=0.3, format="csr", random_state=0, dtype=np.float32)
+    rows = SparseRows.from_csr(m)
+    np.testing.assert_array_equal(rows.to_dense().numpy(), m.toarray())
+    assert rows.row_index().tolist() == m.tocoo().row.tolist()
+
+
+def test_fallback_only_where_a_row_or_column_has_no_input():
+    inputs = sp.csr_matrix(np.array([[4, 0, 2], [0, 0, 0], [5, 0, 3]], dtype=np.float32))
+    targets = sp.csr_matrix(np.array([[0, 3, 1], [2, 0, 0], [4, 0, 0]], dtype=np.float32))
+    # held-out, in CSR order: (0,1) column 1 empty -> row 0 mean 3; (0,2) both known -> model;
+    # (1,0) row 1 empty -> column 0 mean 4.5; (2,0) both known -> model
+    got = fallback_predictions(inputs, targets)
+    np.testing.assert_array_equal(np.isnan(got), [False, True, False, True])
+    assert got[0] == 3 and got[2] == 4.5
+    both_empty = fallback_predictions(sp.csr_matrix(np.array([[2, 0], [0, 0]], dtype=np.float32)),
+                                      sp.csr_matrix(np.array([[0, 0], [0, 5]], dtype=np.float32)))
+    assert both_empty.tolist() == [2.0]  # the global mean when row and column are both empty
+
+
+def test_eval_batch_carries_fallbacks_aligned_with_targets(data_root):
+    dm = module(data_root)
+    batches = list(dm.test_dataloader())
+    assert sum(len(b.fallback) for b in batches) == dm.test_matrix.nnz
+    assert all(len(b.fallback) == len(b.targets.val) for b in batches)
+    assert all(torch.isnan(b.fallback).all() for b in batches)  # dense synthetic data needs none

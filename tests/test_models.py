@@ -1,0 +1,77 @@
+import functools
+
+import lightning as L
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from cfae.data import MovieLensDataModule, SparseRows
+from cfae.models import AutoRec
+from cfae.models.base import SparseLinear, masked_mse
+
+
+def random_rows(n_rows=6, n_cols=9, density=0.3, seed=0) -> SparseRows:
+    m = sp.random(n_rows, n_cols, density=density, format="csr", random_state=seed, dtype=np.float32)
+    m.data = np.ceil(m.data * 5)
+    return SparseRows.from_csr(m)
+
+
+def test_sparse_linear_matches_dense_product_and_gradient():
+    torch.manual_seed(0)
+    layer, x = SparseLinear(9, 4), random_rows()
+    sparse_out = layer(x)
+    (sparse_grad,) = torch.autograd.grad(sparse_out.square().sum(), layer.weight)
+    dense_out = x.to_dense() @ layer.weight + layer.bias
+    (dense_grad,) = torch.autograd.grad(dense_out.square().sum(), layer.weight)
+    torch.testing.assert_close(sparse_out, dense_out)
+    torch.testing.assert_close(sparse_grad, dense_grad)
+    torch.testing.assert_close(layer(x.to_dense()), dense_out)
+
+
+def test_masked_loss_ignores_unobserved_cells():
+    x = random_rows()
+    out = torch.rand(x.n_rows, x.n_cols) * 5
+    observed = x.to_dense() > 0
+    expected = ((out - x.to_dense())[observed] ** 2).mean()
+    torch.testing.assert_close(masked_mse(out, x), expected)
+    torch.testing.assert_close(masked_mse(out.masked_fill(~observed, 1000.0), x), expected)
+
+
+def test_weight_decay_applies_to_weight_matrices_only():
+    model = AutoRec(n_inputs=9, hidden_size=4, weight_decay=0.1, optimizer=torch.optim.Adam)
+    decay, no_decay = model.configure_optimizers().param_groups
+    assert decay["weight_decay"] == 0.1 and {p.ndim for p in decay["params"]} == {2}
+    assert no_decay["weight_decay"] == 0.0 and {p.ndim for p in no_decay["params"]} == {1}
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "elu", "selu", "identity"])
+def test_activations_are_settings(name):
+    model = AutoRec(n_inputs=9, hidden_size=4, hidden_activation=name, output_activation=name,
+                    optimizer=torch.optim.Adam)
+    assert model(random_rows()).shape == (6, 9)
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        AutoRec(n_inputs=9, hidden_activation="swish", optimizer=torch.optim.Adam)
+
+
+def global_mean_rmse(dm: MovieLensDataModule) -> float:
+    return float(np.sqrt(np.mean((dm.test_matrix.data - dm.train_val_matrix.data.mean()) ** 2)))
+
+
+def fit(model, dm, epochs: int) -> float:
+    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm)
+    return trainer.test(model, datamodule=dm, verbose=False)[0]["test/rmse"]
+
+
+@pytest.mark.parametrize("orientation", ["item", "user"])
+def test_autorec_learns_the_planted_structure(data_root, orientation):
+    L.seed_everything(0)
+    dm = MovieLensDataModule(root=str(data_root), download=False, orientation=orientation, batch_size=16)
+    dm.setup()
+    model = AutoRec(n_inputs=dm.n_cols, hidden_size=64, weight_decay=1e-3,
+                    optimizer=functools.partial(torch.optim.Adam, lr=1e-2))
+    baseline = global_mean_rmse(dm)
+    rmse = fit(model, dm, epochs=25)
+    assert rmse < 0.75 * baseline, (rmse, baseline)
