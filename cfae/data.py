@@ -24,6 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,11 @@ def fetch_archive(spec: DatasetSpec, root: Path) -> None:
         log.info("downloading %s to %s", spec.url, target)
         try:
             with urllib.request.urlopen(spec.url, timeout=60) as response, open(archive, "wb") as out:
-                shutil.copyfileobj(response, out)
+                size = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=size, unit="B", unit_scale=True, desc=spec.dirname) as bar:
+                    for block in iter(lambda: response.read(1 << 20), b""):
+                        out.write(block)
+                        bar.update(len(block))
         except (urllib.error.URLError, OSError) as err:
             raise DataError(
                 f"{target / spec.ratings_file} not found and {spec.url} could not be downloaded ({err}). "

@@ -1,0 +1,80 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+
+from cfae.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config(data_root, tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[
+            f"data.root={data_root}", "data.download=false", "data.batch_size=16", "hidden=32", "optimizer.lr=0.01",
+            "trainer.max_epochs=4", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+            f"output_dir={tmp_path / 'out'}", f"logger.uri=sqlite:///{tmp_path}/mlruns/mlflow.db", *overrides])
+
+
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("train")
+    cfg = config(data_root, tmp_path, "data.fold=1")
+    metrics = train(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("cfae").experiment_id])
+    return metrics, client, run, tmp_path
+
+
+def test_train_returns_the_objective_and_test_rmse(trained):
+    metrics, *_ = trained
+    assert 0 < metrics["val/rmse_best"] < 1.2 and 0 < metrics["test/rmse"] < 1.2
+    assert metrics["epochs"] == 4
+
+
+def test_mlflow_run_carries_metrics_params_and_provenance(trained):
+    metrics, client, run, _ = trained
+    assert run.info.status == "FINISHED" and run.info.run_name == "autorec-ml1m-item-fold1"
+    m = run.data.metrics
+    for key in ("train/loss", "val/rmse", "val/rmse_best", "test/rmse", "time/fit_s", "time/epoch_s"):
+        assert key in m, key
+    assert m["test/rmse"] == pytest.approx(metrics["test/rmse"])
+    assert m["val/rmse_best"] == pytest.approx(min(h.value for h in client.get_metric_history(run.info.run_id, "val/rmse")))
+    assert len(client.get_metric_history(run.info.run_id, "val/rmse")) == 4  # one per epoch
+    p = run.data.params
+    assert p["data/fold"] == "1" and p["model/hidden_size"] == "32" and p["optimizer/_target_"] == "torch.optim.Adam"
+    assert p["dataset/n_users"] == "300" and p["dataset/n_items"] == "200" and len(p["dataset/sha256"]) == 64
+    assert len(run.data.tags["mlflow.source.git.commit"]) >= 7
+
+
+def test_mlflow_run_stores_config_and_best_checkpoint_under_mlruns(trained):
+    _, client, run, tmp_path = trained
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "checkpoints"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
+    assert run.info.artifact_uri.startswith((tmp_path / "mlruns" / "artifacts").as_uri())
+
+
+def cli(cwd, *args, env_extra=None):
+    import os
+    env = {**os.environ, **(env_extra or {})}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_train_py_runs_end_to_end_and_tracks_into_mlruns(data_root, tmp_path):
+    done = cli(tmp_path, "trainer.max_epochs=2", "hidden=16", "trainer.accelerator=cpu",
+               env_extra={"CFAE_DATA_DIR": str(data_root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file()
+    assert "test/rmse=" in done.stderr + done.stdout
+
+
+def test_train_py_bad_fold_is_a_clear_error(data_root, tmp_path):
+    done = cli(tmp_path, "data.fold=7", "logger=none", env_extra={"CFAE_DATA_DIR": str(data_root)})
+    assert done.returncode != 0
+    assert "data.fold=7 is outside 0..4" in done.stderr
