@@ -23,7 +23,7 @@ import lightning as L
 import numpy as np
 import scipy.sparse as sp
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -265,15 +265,19 @@ def split_ratings(n_ratings: int, fold: int, n_folds: int = 5, test_fraction: fl
 class SparseRows(NamedTuple):
     """A batch of CSR rows as torch tensors; Lightning moves it to the model's device as a whole."""
 
+    rows: torch.Tensor  # (batch,) int64 index of each row in the whole matrix (for per-row parameters)
     crow: torch.Tensor  # (batch + 1,) int64 row offsets into col/val
     col: torch.Tensor  # (nnz,) int64
     val: torch.Tensor  # (nnz,) float32
     n_cols: int
 
     @classmethod
-    def from_csr(cls, m: sp.csr_matrix) -> SparseRows:
-        return cls(torch.from_numpy(m.indptr.astype(np.int64)), torch.from_numpy(m.indices.astype(np.int64)),
-                   torch.from_numpy(m.data.astype(np.float32)), m.shape[1])
+    def from_csr(cls, matrix: sp.csr_matrix, rows: np.ndarray) -> SparseRows:
+        """The rows `rows` of `matrix`."""
+        m = matrix[rows]
+        return cls(torch.as_tensor(rows, dtype=torch.int64), torch.from_numpy(m.indptr.astype(np.int64)),
+                   torch.from_numpy(m.indices.astype(np.int64)), torch.from_numpy(m.data.astype(np.float32)),
+                   m.shape[1])
 
     @property
     def n_rows(self) -> int:
@@ -299,6 +303,24 @@ class EvalBatch(NamedTuple):
     fallback: torch.Tensor  # (targets nnz,)
 
 
+class ShuffledBatches(torch.utils.data.Sampler[list[int]]):
+    """Row numbers in a fresh random order each epoch, cut into batches; every row is served once. A
+    last batch of a single row joins the one before it (batch normalisation cannot train on one row)."""
+
+    def __init__(self, n_rows: int, batch_size: int, generator: torch.Generator):
+        self.n_rows, self.batch_size, self.generator = n_rows, batch_size, generator
+
+    def __iter__(self):
+        batches = list(torch.randperm(self.n_rows, generator=self.generator).split(self.batch_size))
+        if len(batches) > 1 and len(batches[-1]) == 1:
+            batches[-2:] = [torch.cat(batches[-2:])]
+        return (b.tolist() for b in batches)
+
+    def __len__(self) -> int:
+        full, tail = divmod(self.n_rows, self.batch_size)
+        return full + (tail > 1) if full else int(tail > 0)
+
+
 class _RowBatches(torch.utils.data.Dataset):
     """Indexed by a list of row numbers (from a BatchSampler): one vectorised CSR slice per batch."""
 
@@ -309,7 +331,7 @@ class _RowBatches(torch.utils.data.Dataset):
         return self.matrix.shape[0]
 
     def __getitem__(self, rows: list[int]) -> SparseRows:
-        return SparseRows.from_csr(self.matrix[rows])
+        return SparseRows.from_csr(self.matrix, np.asarray(rows))
 
 
 def fallback_predictions(inputs: sp.csr_matrix, targets: sp.csr_matrix) -> np.ndarray:
@@ -409,13 +431,16 @@ class MovieLensDataModule(L.LightningDataModule):
         return self.train_matrix.shape[1]
 
     @property
+    def n_rows(self) -> int:
+        return self.train_matrix.shape[0]
+
+    @property
     def rating_range(self) -> tuple[float, float]:
         return self.spec.rating_min, self.spec.rating_max
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed * 1000 + self.fold)
-        sampler = BatchSampler(RandomSampler(range(self.train_matrix.shape[0]), generator=generator),
-                               self.batch_size, drop_last=False)
+        sampler = ShuffledBatches(self.n_rows, self.batch_size, generator)
         return DataLoader(_RowBatches(self.train_matrix), sampler=sampler, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
@@ -431,6 +456,6 @@ class MovieLensDataModule(L.LightningDataModule):
         batches = []
         for start in range(0, len(rows), self.eval_batch_size):
             r = rows[start:start + self.eval_batch_size]
-            batches.append(EvalBatch(SparseRows.from_csr(inputs[r]), SparseRows.from_csr(targets[r]),
+            batches.append(EvalBatch(SparseRows.from_csr(inputs, r), SparseRows.from_csr(targets, r),
                                      torch.from_numpy(fallback[r].data)))
         return batches

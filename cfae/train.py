@@ -34,10 +34,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.output_dir)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
-    # The one place where the data shapes the model: its width and rating scale.
+    # The one place where the data shapes the model: its width, its number of rows and the rating scale.
     rating_min, rating_max = datamodule.rating_range
-    model = instantiate(cfg.model, n_inputs=datamodule.n_cols, rating_min=rating_min, rating_max=rating_max,
-                        optimizer=instantiate(cfg.optimizer))
+    model = instantiate(cfg.model, n_inputs=datamodule.n_cols, n_rows=datamodule.n_rows, rating_min=rating_min,
+                        rating_max=rating_max, optimizer=instantiate(cfg.optimizer))
 
     run_name = f"{type(model).__name__.lower()}-{cfg.data.dataset}-{cfg.data.orientation}-fold{cfg.data.fold}"
     logger = instantiate(cfg.logger, run_name=cfg.logger.run_name or run_name) if cfg.get("logger") else False

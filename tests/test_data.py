@@ -157,6 +157,7 @@ def eval_batches(loader, targets):
 
 
 def pairs_of(rows_batch: SparseRows, rows) -> set[tuple[int, int]]:
+    assert rows_batch.rows.tolist() == rows.tolist()
     r = rows[rows_batch.row_index().numpy()]
     return set(zip(r.tolist(), rows_batch.col.tolist()))
 
@@ -173,11 +174,20 @@ def test_every_training_row_is_served_once_per_epoch(data_root):
     assert [b.n_rows for b in batches] == [64, 64, 64, 8]
     assert sum(len(b.val) for b in batches) == dm.train_matrix.nnz
     assert sorted(np.concatenate([b.val.numpy() for b in batches])) == sorted(dm.train_matrix.data)
+    assert sorted(np.concatenate([b.rows.numpy() for b in batches])) == list(range(200))
+
+
+@pytest.mark.parametrize("n_rows,sizes", [(9, [4, 5]), (10, [4, 4, 2]), (1, [1]), (4, [4])])
+def test_batches_cover_every_row_once_and_never_leave_a_single_row_alone(n_rows, sizes):
+    sampler = data.ShuffledBatches(n_rows, 4, torch.Generator().manual_seed(0))
+    batches = list(sampler)
+    assert [len(b) for b in batches] == sizes and len(sampler) == len(sizes)
+    assert sorted(sum(batches, [])) == list(range(n_rows))
 
 
 def test_sparse_rows_densify_to_the_csr_matrix():
     m = sp.random(5, 7, density=0.3, format="csr", random_state=0, dtype=np.float32)
-    rows = SparseRows.from_csr(m)
+    rows = SparseRows.from_csr(m, np.arange(5))
     np.testing.assert_array_equal(rows.to_dense().numpy(), m.toarray())
     assert rows.row_index().tolist() == m.tocoo().row.tolist()
 

@@ -14,7 +14,7 @@ from cfae.models.base import SparseLinear, masked_mse
 def random_rows(n_rows=6, n_cols=9, density=0.3, seed=0) -> SparseRows:
     m = sp.random(n_rows, n_cols, density=density, format="csr", random_state=seed, dtype=np.float32)
     m.data = np.ceil(m.data * 5)
-    return SparseRows.from_csr(m)
+    return SparseRows.from_csr(m, np.arange(n_rows))
 
 
 def test_sparse_linear_matches_dense_product_and_gradient():

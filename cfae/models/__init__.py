@@ -1,4 +1,9 @@
-from cfae.models.autorec import AutoRec
-from cfae.models.base import RatingAutoencoder
+"""The model zoo; each model is picked in configs by `model=NAME` (conf/model/NAME.yaml)."""
 
-__all__ = ["AutoRec", "RatingAutoencoder"]
+from cfae.models.autorec import AutoRec
+from cfae.models.baselines import ImputedSVD, MatrixFactorization
+from cfae.models.base import RatingModel
+from cfae.models.deep import DeepAutoencoder
+from cfae.models.vae import VAE
+
+__all__ = ["VAE", "AutoRec", "DeepAutoencoder", "ImputedSVD", "MatrixFactorization", "RatingModel"]

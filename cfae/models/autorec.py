@@ -7,6 +7,10 @@ a user's ratings for U-AutoRec):
 
 trained on the observed entries of r only, with L2 on W and V. Sedhain et al. use g = sigmoid,
 f = identity and 500 hidden units (sec. 3); the study swaps in ELU/SELU and RMSProp (sec. 4.3).
+
+Denoising (the study, sec. 4.3.1; Vincent et al. 2008): in training only, the input r is corrupted
+(a fraction `input_dropout` of its ratings dropped, optional Gaussian noise) while the loss still scores
+every observed rating of the clean r.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from cfae.data import SparseRows
-from cfae.models.base import RatingAutoencoder, SparseLinear, activation
+from cfae.models.base import RatingModel, SparseLinear, activation, corrupt
 
 
-class AutoRec(RatingAutoencoder):
+class AutoRec(RatingModel):
     def __init__(
         self,
         n_inputs: int,
@@ -25,9 +29,12 @@ class AutoRec(RatingAutoencoder):
         hidden_activation: str = "sigmoid",  # g
         output_activation: str = "identity",  # f
         dropout: float = 0.0,  # on the code h; 0 is plain AutoRec
+        input_dropout: float = 0.0,  # denoising: drop this fraction of the input ratings in training
+        input_noise: float = 0.0,  # denoising: Gaussian noise on the input ratings in training
         **base,
     ):
         super().__init__(n_inputs=n_inputs, **base)
+        self.input_dropout, self.input_noise = input_dropout, input_noise
         self.encoder = SparseLinear(n_inputs, hidden_size)  # W, b
         self.hidden_activation = activation(hidden_activation)
         self.dropout = nn.Dropout(dropout)
@@ -35,5 +42,7 @@ class AutoRec(RatingAutoencoder):
         self.output_activation = activation(output_activation)
 
     def forward(self, r: SparseRows | Tensor) -> Tensor:
+        if self.training and isinstance(r, SparseRows):
+            r = corrupt(r, self.input_dropout, self.input_noise)  # the loss still scores the clean r
         h = self.dropout(self.hidden_activation(self.encoder(r)))  # (batch, hidden_size)
         return self.output_activation(self.decoder(h))  # (batch, n_inputs)

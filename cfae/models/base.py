@@ -1,5 +1,6 @@
-"""What every cfae autoencoder shares: the masked loss, the train/val/test steps, metrics, logging and
-the optimizer. A variant builds its layers and overrides `forward` (and at most one hook)."""
+"""What every cfae model shares: the masked loss, the train/val/test steps, metrics, logging and the
+optimizer. A model builds its layers and overrides `forward`, and at most one hook (`training_loss`, or
+`on_fit_start` for a closed-form fit)."""
 
 from __future__ import annotations
 
@@ -51,32 +52,49 @@ class SparseLinear(nn.Module):
         return x @ self.weight + self.bias
 
 
+def corrupt(x: SparseRows, dropout: float = 0.0, gaussian: float = 0.0) -> SparseRows:
+    """Denoising corruption of the observed ratings (Vincent et al. 2008): drop a fraction `dropout` of
+    them (the rest scaled by 1/(1-dropout), as nn.Dropout does, so the expected input is unchanged), and
+    add Gaussian noise of standard deviation `gaussian`. Unobserved cells stay empty."""
+    val = F.dropout(x.val, dropout) if dropout else x.val
+    if gaussian:
+        val = val + gaussian * torch.randn_like(val)
+    return x._replace(val=val)
+
+
 def masked_mse(out: Tensor, target: SparseRows) -> Tensor:
     """Mean squared error over the observed entries of `target` only (dense `out`: (batch, n_cols))."""
     pred = out[target.row_index(), target.col]  # (nnz,)
     return F.mse_loss(pred, target.val)
 
 
-class RatingAutoencoder(L.LightningModule):
-    """Base of every autoencoder: input a batch of sparse rows, output dense rows of predicted ratings."""
+class RatingModel(L.LightningModule):
+    """Base of every model: input a batch of sparse rows, output dense rows of predicted ratings."""
 
     def __init__(
         self,
-        n_inputs: int,
-        optimizer: Callable[..., torch.optim.Optimizer],
+        n_inputs: int,  # width of a row (the number of columns)
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,  # None: a closed-form fit
+        n_rows: int | None = None,  # number of rows, for models with per-row parameters
         weight_decay: float = 0.0,  # L2 on weight matrices only (not on biases or norm scales)
         rating_min: float = 1.0,
         rating_max: float = 5.0,
     ):
         super().__init__()
-        self.n_inputs, self.weight_decay = n_inputs, weight_decay
+        self.n_inputs, self.n_rows, self.weight_decay = n_inputs, n_rows, weight_decay
         self.optimizer_factory = optimizer
         self.val_rmse = MaskedRMSE(rating_min, rating_max)
         self.test_rmse = MaskedRMSE(rating_min, rating_max)
         self.val_rmse_best = MinMetric()
 
-    def training_step(self, batch: SparseRows, batch_idx: int) -> Tensor:
-        loss = masked_mse(self(batch), batch)
+    def training_loss(self, batch: SparseRows) -> Tensor:
+        """The objective on one batch: by default the masked MSE of the reconstruction."""
+        return masked_mse(self(batch), batch)
+
+    def training_step(self, batch: SparseRows, batch_idx: int) -> Tensor | None:
+        if self.optimizer_factory is None:  # a closed-form model, fitted in on_fit_start
+            return None
+        loss = self.training_loss(batch)
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch.val))
         return loss
 
@@ -87,6 +105,10 @@ class RatingAutoencoder(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.val_rmse_best.reset()  # forget the sanity check's value
+
+    def on_train_epoch_end(self) -> None:
+        if self.optimizer_factory is None:  # closed form: one (empty) epoch to validate, then done
+            self.trainer.should_stop = True
 
     def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
         self.val_rmse.update(self.predict_held_out(batch), batch.targets.val)
@@ -100,7 +122,9 @@ class RatingAutoencoder(L.LightningModule):
         self.test_rmse.update(self.predict_held_out(batch), batch.targets.val)
         self.log("test/rmse", self.test_rmse, on_epoch=True, batch_size=len(batch.targets.val))
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        if self.optimizer_factory is None:
+            return None
         decay = [p for p in self.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.parameters() if p.ndim < 2]
         return self.optimizer_factory(params=[{"params": decay, "weight_decay": self.weight_decay},

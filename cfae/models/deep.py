@@ -1,0 +1,91 @@
+"""Deep autoencoders (Kuchaiev and Ginsburg, "Training Deep AutoEncoders for Collaborative Filtering",
+2017), with the study's batch-normalised variant (sec. 4.4.2).
+
+The encoder is a list of layer sizes, the last being the code; the decoder mirrors it:
+
+    n_inputs -> layer_sizes[0] -> ... -> layer_sizes[-1] (code) -> ... -> layer_sizes[0] -> n_inputs
+
+- SELU activations on every hidden layer (sec. 3.2: SELU trains deep models without layer-wise
+  pre-training), identity on the output;
+- dropout on the code only (sec. 3.3: a high rate, 0.8, lets wide codes generalise);
+- optional tied weights: decoder layer i reuses the transpose of its mirror encoder weight (own bias);
+- dense re-feeding (sec. 2.3), `refeed=K`: the dense output y = f(x) of a training batch is a valid
+  example too (any ideal f satisfies f(y) = y), so K times y is fed back as input with targets y
+  itself, and the dense MSE of f(y) against y joins the loss. Kuchaiev and Ginsburg take a separate
+  optimizer step per re-feed; here the terms are summed into one step, which keeps Lightning's automatic
+  optimisation and moves the weights in the same direction to first order;
+- optional BatchNorm after each hidden layer's affine map (the study, sec. 4.4.2; Ioffe & Szegedy 2015);
+- optional denoising corruption of the input, as for AutoRec.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cfae.data import SparseRows
+from cfae.models.base import RatingModel, SparseLinear, activation, corrupt, masked_mse
+
+
+class DeepAutoencoder(RatingModel):
+    def __init__(
+        self,
+        n_inputs: int,
+        layer_sizes: list[int] = (300, 500, 750),  # the study's deep row; the last is the code size
+        hidden_activation: str = "selu",
+        output_activation: str = "identity",
+        dropout: float = 0.0,  # on the code layer (Kuchaiev & Ginsburg use 0.8 for a 1024-wide code)
+        tied: bool = False,
+        batch_norm: bool = False,
+        refeed: int = 0,  # dense re-feeding steps per batch
+        input_dropout: float = 0.0,
+        input_noise: float = 0.0,
+        **base,
+    ):
+        super().__init__(n_inputs=n_inputs, **base)
+        if not layer_sizes:
+            raise ValueError("layer_sizes needs at least one layer")
+        self.tied, self.refeed = tied, refeed
+        self.input_dropout, self.input_noise = input_dropout, input_noise
+        sizes = [n_inputs, *layer_sizes]
+        self.encoder = nn.ModuleList(SparseLinear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        mirror = sizes[::-1]
+        if tied:  # decoder layer i multiplies by encoder[-1 - i].weight.T; only its bias is its own
+            self.decoder_bias = nn.ParameterList(nn.Parameter(torch.zeros(b)) for b in mirror[1:])
+        else:
+            self.decoder = nn.ModuleList(SparseLinear(a, b) for a, b in zip(mirror[:-1], mirror[1:]))
+        norm = nn.BatchNorm1d if batch_norm else (lambda size: nn.Identity())
+        self.encoder_norms = nn.ModuleList(norm(b) for b in sizes[1:])
+        self.decoder_norms = nn.ModuleList(norm(b) for b in mirror[1:-1])  # not on the output
+        self.hidden_activation = activation(hidden_activation)
+        self.output_activation = activation(output_activation)
+        self.code_dropout = nn.Dropout(dropout)
+
+    def decoder_layer(self, i: int, h: Tensor) -> Tensor:
+        if self.tied:
+            return h @ self.encoder[-1 - i].weight.T + self.decoder_bias[i]
+        return self.decoder[i](h)
+
+    def forward(self, x: SparseRows | Tensor) -> Tensor:
+        if self.training and isinstance(x, SparseRows):
+            x = corrupt(x, self.input_dropout, self.input_noise)
+        h = x
+        for layer, norm in zip(self.encoder, self.encoder_norms):
+            h = self.hidden_activation(norm(layer(h)))  # (batch, layer size)
+        h = self.code_dropout(h)  # (batch, code size)
+        n_decoder = len(self.encoder)
+        for i in range(n_decoder - 1):
+            h = self.hidden_activation(self.decoder_norms[i](self.decoder_layer(i, h)))
+        return self.output_activation(self.decoder_layer(n_decoder - 1, h))  # (batch, n_inputs)
+
+    def training_loss(self, batch: SparseRows) -> Tensor:
+        out = self(batch)  # (batch, n_inputs)
+        loss = masked_mse(out, batch)
+        y = out.detach()
+        for _ in range(self.refeed):  # Kuchaiev & Ginsburg, sec. 2.3
+            refed = self(y)  # dense input: every cell counts
+            loss = loss + F.mse_loss(refed, y)
+            y = refed.detach()
+        return loss
+

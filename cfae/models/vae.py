@@ -1,0 +1,83 @@
+"""Variational autoencoder for explicit ratings (after Liang, Krishnan, Hoffman and Jebara, "Variational
+Autoencoders for Collaborative Filtering", WWW 2018; the study, sec. 4.5).
+
+Liang et al. model implicit clicks with a multinomial likelihood; ratings here get a Gaussian one:
+
+    q(z | x) = N(mu(x), diag(exp(logvar(x))))          encoder: layer_sizes[:-1], then mu and logvar
+    x_hat = f(z)                                        decoder mirrors the encoder
+    loss = [ sum_observed (x_hat - x)^2 / 2  +  beta * KL(q(z | x) || N(0, I)) ] / n_observed
+
+with a unit-variance Gaussian likelihood on the observed ratings only, and beta annealed linearly from 0
+to `beta_max` over `anneal_steps` optimizer steps (Liang et al. sec. 2.2.2: a capped KL weight works
+better than the full ELBO). Evaluation decodes the mean code mu, without sampling.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from cfae.data import SparseRows
+from cfae.models.base import RatingModel, SparseLinear, activation
+
+
+class VAE(RatingModel):
+    def __init__(
+        self,
+        n_inputs: int,
+        layer_sizes: list[int] = (500, 200),  # the study's VAE row: 500 hidden, 200-dimensional code
+        hidden_activation: str = "selu",
+        output_activation: str = "identity",
+        dropout: float = 0.0,  # on the input ratings, as Liang et al. do
+        beta_max: float = 0.2,  # Liang et al.'s best cap on ML-20M
+        anneal_steps: int = 2000,
+        **base,
+    ):
+        super().__init__(n_inputs=n_inputs, **base)
+        *hidden, code = layer_sizes
+        sizes = [n_inputs, *hidden]
+        self.beta_max, self.anneal_steps = beta_max, anneal_steps
+        self.encoder = nn.ModuleList(SparseLinear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.to_code = SparseLinear(sizes[-1], 2 * code)  # mu and logvar
+        mirror = [code, *hidden[::-1], n_inputs]
+        self.decoder = nn.ModuleList(SparseLinear(a, b) for a, b in zip(mirror[:-1], mirror[1:]))
+        self.hidden_activation = activation(hidden_activation)
+        self.output_activation = activation(output_activation)
+        self.input_dropout = dropout
+
+    def kl_weight(self, step: int) -> float:
+        """beta at optimizer step `step`: 0 at the first, rising linearly to beta_max at anneal_steps."""
+        return self.beta_max * min(1.0, step / max(1, self.anneal_steps))
+
+    def encode(self, x: SparseRows | Tensor) -> tuple[Tensor, Tensor]:
+        if self.training and self.input_dropout and isinstance(x, SparseRows):
+            x = x._replace(val=nn.functional.dropout(x.val, self.input_dropout))
+        h = x
+        for layer in self.encoder:
+            h = self.hidden_activation(layer(h))  # (batch, hidden)
+        mu, logvar = self.to_code(h).chunk(2, dim=-1)  # (batch, code) each
+        return mu, logvar
+
+    def decode(self, z: Tensor) -> Tensor:
+        h = z
+        for layer in self.decoder[:-1]:
+            h = self.hidden_activation(layer(h))
+        return self.output_activation(self.decoder[-1](h))  # (batch, n_inputs)
+
+    def forward(self, x: SparseRows | Tensor) -> Tensor:
+        mu, logvar = self.encode(x)
+        if not self.training:
+            return self.decode(mu)  # evaluation uses the mean code
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation
+        return self.decode(z)
+
+    def training_loss(self, batch: SparseRows) -> Tensor:
+        mu, logvar = self.encode(batch)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        out = self.decode(z)  # (batch, n_inputs)
+        squared_error = (out[batch.row_index(), batch.col] - batch.val).square().sum()
+        kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum()  # summed over rows and code
+        beta = self.kl_weight(self.global_step)
+        self.log("train/kl", kl / batch.n_rows, on_step=False, on_epoch=True, batch_size=batch.n_rows)
+        self.log("train/beta", beta, on_step=False, on_epoch=True, batch_size=batch.n_rows)
+        return (squared_error / 2 + beta * kl) / len(batch.val)
