@@ -341,7 +341,8 @@ def fallback_predictions(inputs: sp.csr_matrix, targets: sp.csr_matrix) -> np.nd
     global_mean = inputs.data.mean()
     row_n = np.diff(inputs.indptr)
     col_n = np.bincount(inputs.indices, minlength=inputs.shape[1])
-    row_mean = np.divide(np.asarray(inputs.sum(1)).ravel(), row_n, out=np.full(len(row_n), global_mean), where=row_n > 0)
+    row_sum = np.asarray(inputs.sum(1)).ravel()
+    row_mean = np.divide(row_sum, row_n, out=np.full(len(row_n), global_mean), where=row_n > 0)
     col_mean = np.divide(np.bincount(inputs.indices, inputs.data, minlength=inputs.shape[1]), col_n,
                          out=np.full(len(col_n), global_mean), where=col_n > 0)
     t = targets.tocoo()

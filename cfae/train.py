@@ -56,7 +56,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
 
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
+    try:
+        trainer.fit(model, datamodule=datamodule)  # on an exception Lightning marks the run FAILED
+    except Exception as err:
+        if logger:
+            logger.experiment.set_tag(logger.run_id, "error", f"{type(err).__name__}: {err}"[:5000])
+        raise
     fit_s = time.perf_counter() - start
     metrics = {OBJECTIVE: float(model.val_rmse_best.compute()), "time/fit_s": fit_s,
                "epochs": trainer.current_epoch}

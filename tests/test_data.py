@@ -7,8 +7,17 @@ import scipy.sparse as sp
 import torch
 
 from cfae import data
-from cfae.data import (DataError, MovieLensDataModule, Ratings, SparseRows, build_matrix, fallback_predictions,
-                       locate_ratings, read_ratings, split_ratings)
+from cfae.data import (
+    DataError,
+    MovieLensDataModule,
+    Ratings,
+    SparseRows,
+    build_matrix,
+    fallback_predictions,
+    locate_ratings,
+    read_ratings,
+    split_ratings,
+)
 from cfae.synthetic import planted_ratings, write_ratings
 
 
@@ -141,8 +150,10 @@ def test_no_held_out_rating_inside_an_input(data_root, orientation):
     assert not (train & val) and not (train & test) and not (val & test)
     total = planted_ratings()
     assert len(train) + len(val) + len(test) == len(total.ratings)
-    val_inputs = set().union(*(pairs_of(b.inputs, rows) for b, rows in eval_batches(dm.val_dataloader(), dm.val_matrix)))
-    test_inputs = set().union(*(pairs_of(b.inputs, rows) for b, rows in eval_batches(dm.test_dataloader(), dm.test_matrix)))
+    val_batches = eval_batches(dm.val_dataloader(), dm.val_matrix)
+    test_batches = eval_batches(dm.test_dataloader(), dm.test_matrix)
+    val_inputs = set().union(*(pairs_of(b.inputs, rows) for b, rows in val_batches))
+    test_inputs = set().union(*(pairs_of(b.inputs, rows) for b, rows in test_batches))
     assert val_inputs <= train and not (val_inputs & val)
     assert test_inputs <= train | val and not (test_inputs & test)
 

@@ -42,8 +42,9 @@ def test_mlflow_run_carries_metrics_params_and_provenance(trained):
     for key in ("train/loss", "val/rmse", "val/rmse_best", "test/rmse", "time/fit_s", "time/epoch_s"):
         assert key in m, key
     assert m["test/rmse"] == pytest.approx(metrics["test/rmse"])
-    assert m["val/rmse_best"] == pytest.approx(min(h.value for h in client.get_metric_history(run.info.run_id, "val/rmse")))
-    assert len(client.get_metric_history(run.info.run_id, "val/rmse")) == 4  # one per epoch
+    history = client.get_metric_history(run.info.run_id, "val/rmse")
+    assert len(history) == 4  # one per epoch
+    assert m["val/rmse_best"] == pytest.approx(min(h.value for h in history))
     p = run.data.params
     assert p["data/fold"] == "1" and p["model/hidden_size"] == "32" and p["optimizer/_target_"] == "torch.optim.Adam"
     assert p["dataset/n_users"] == "300" and p["dataset/n_items"] == "200" and len(p["dataset/sha256"]) == 64
@@ -56,6 +57,17 @@ def test_mlflow_run_stores_config_and_best_checkpoint_under_mlruns(trained):
     assert {"config.yaml", "checkpoints"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
     assert run.info.artifact_uri.startswith((tmp_path / "mlruns" / "artifacts").as_uri())
+
+
+def test_a_run_that_dies_is_marked_failed_with_its_error_and_keeps_what_it_logged(data_root, tmp_path):
+    cfg = config(data_root, tmp_path, "trainer.max_epochs=5", "optimizer.lr=1e30")  # diverges to NaN
+    with pytest.raises(FloatingPointError, match="training loss is (nan|inf)"):
+        train(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("cfae").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith("FloatingPointError: training loss is ")
+    assert "dataset/sha256" in run.data.params  # what was logged before the failure stays
 
 
 def cli(cwd, *args, env_extra=None):

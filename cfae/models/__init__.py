@@ -1,8 +1,8 @@
 """The model zoo; each model is picked in configs by `model=NAME` (conf/model/NAME.yaml)."""
 
 from cfae.models.autorec import AutoRec
-from cfae.models.baselines import ImputedSVD, MatrixFactorization
 from cfae.models.base import RatingModel
+from cfae.models.baselines import ImputedSVD, MatrixFactorization
 from cfae.models.deep import DeepAutoencoder
 from cfae.models.vae import VAE
 

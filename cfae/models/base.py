@@ -95,6 +95,9 @@ class RatingModel(L.LightningModule):
         if self.optimizer_factory is None:  # a closed-form model, fitted in on_fit_start
             return None
         loss = self.training_loss(batch)
+        if not torch.isfinite(loss):  # fail loudly rather than early-stop on NaN and look fine
+            raise FloatingPointError(f"training loss is {loss.item()} at epoch {self.current_epoch}, "
+                                     f"step {self.global_step}: lower the learning rate?")
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch.val))
         return loss
 
