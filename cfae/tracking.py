@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.tracking import MlflowClient
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"  # MLflow >= 3.13 refuses a plain folder store
 
@@ -30,6 +31,17 @@ def mlflow_logger(experiment_name: str = "cfae", run_name: str | None = None, ur
     uri = tracking_uri(uri)
     return MLFlowLogger(experiment_name=experiment_name, run_name=run_name, tracking_uri=uri, tags=tags,
                         artifact_location=artifact_location(uri), log_model=False)
+
+
+def mlflow_client(uri: str | None = None, experiment_name: str = "cfae") -> tuple[MlflowClient, str]:
+    """A client on the store, and the id of `experiment_name` there (created, with artifacts beside a
+    sqlite store, if it does not exist yet)."""
+    uri = tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is not None:
+        return client, experiment.experiment_id
+    return client, client.create_experiment(experiment_name, artifact_location=artifact_location(uri))
 
 
 def git_commit() -> str:

@@ -7,10 +7,12 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from cfae.sweep import OptunaPruning
 from cfae.tracking import git_commit
 
 log = logging.getLogger(__name__)
@@ -29,8 +31,14 @@ class EpochTimer(Callback):
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit on the training part, early-stop on `val/rmse`, evaluate the best checkpoint on the test part."""
+    """Fit on the training part, early-stop on `val/rmse`, evaluate the best checkpoint on the test part.
+
+    In a sweep (`cfg.sweep.trial` set) the run nests under the sweep's MLflow run, reports `val/rmse` to
+    its Optuna trial each epoch, and stops early without a test if the pruner says so.
+    """
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)
     output_dir = Path(cfg.output_dir)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
@@ -39,8 +47,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = instantiate(cfg.model, n_inputs=datamodule.n_cols, n_rows=datamodule.n_rows, rating_min=rating_min,
                         rating_max=rating_max, optimizer=instantiate(cfg.optimizer))
 
+    sweep = cfg.get("sweep") or {}
+    in_sweep = sweep.get("trial") is not None
     run_name = f"{type(model).__name__.lower()}-{cfg.data.dataset}-{cfg.data.orientation}-fold{cfg.data.fold}"
-    logger = instantiate(cfg.logger, run_name=cfg.logger.run_name or run_name) if cfg.get("logger") else False
+    tags = {}
+    if in_sweep:
+        run_name = f"{run_name}-trial{sweep.trial}"
+        tags = {"optuna.study": sweep.study, "optuna.trial": str(sweep.trial)}
+        if sweep.get("parent_run_id"):
+            tags["mlflow.parentRunId"] = sweep.parent_run_id
+    logger = instantiate(cfg.logger, run_name=cfg.logger.run_name or run_name, tags=tags) if cfg.get("logger") else False
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         logger.log_hyperparams({f"dataset/{k}": v for k, v in datamodule.stats.items()})
@@ -53,6 +69,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor="val/rmse",
                                  mode="min", save_top_k=1, save_last=True)
     callbacks = [checkpoint, EarlyStopping(monitor="val/rmse", mode="min", patience=cfg.patience), EpochTimer()]
+    pruning = None
+    if in_sweep and sweep.get("pruner"):
+        pruning = OptunaPruning(sweep.study, sweep.storage, sweep.trial, instantiate(sweep.pruner))
+        callbacks.append(pruning)
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
 
     start = time.perf_counter()
@@ -65,11 +85,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     fit_s = time.perf_counter() - start
     metrics = {OBJECTIVE: float(model.val_rmse_best.compute()), "time/fit_s": fit_s,
                "epochs": trainer.current_epoch}
+    if pruning and pruning.pruned:  # no test for a trial the sweep gave up on
+        pruning.finish_pruned()
+        if logger:
+            logger.log_metrics({k: metrics[k] for k in (OBJECTIVE, "time/fit_s", "epochs")})
+            logger.experiment.set_tag(logger.run_id, "optuna.state", "PRUNED")
+            logger.finalize("KILLED")
+        return metrics
     test = trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
     metrics["test/rmse"] = float(test["test/rmse"])
     if logger:
         logger.log_metrics({k: metrics[k] for k in (OBJECTIVE, "time/fit_s", "epochs")})
         logger.experiment.log_artifact(logger.run_id, checkpoint.best_model_path, "checkpoints")
+        if in_sweep:
+            logger.experiment.set_tag(logger.run_id, "optuna.state", "COMPLETE")
         logger.finalize("success")
     log.info("test/rmse=%.4f val/rmse_best=%.4f epochs=%d fit=%.1fs (best checkpoint %s)",
              metrics["test/rmse"], metrics[OBJECTIVE], metrics["epochs"], fit_s, checkpoint.best_model_path)
