@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import tempfile
@@ -108,9 +109,7 @@ class CfaeOptunaSweeperImpl(OptunaSweeperImpl):
         except KeyError:  # a new study
             return _grid_size(grid)
         done = {tuple(t.params.get(k) for k in grid) for t in study.get_trials(deepcopy=False, states=FINISHED)}
-        points = {()}
-        for name, choices in grid.items():
-            points = {p + (c,) for p in points for c in choices}
+        points = set(itertools.product(*grid.values()))
         return len(points - done)
 
     def _start_parent_run(self) -> str:

@@ -56,7 +56,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         tags = {"optuna.study": sweep.study, "optuna.trial": str(sweep.trial)}
         if sweep.get("parent_run_id"):
             tags["mlflow.parentRunId"] = sweep.parent_run_id
-    logger = instantiate(cfg.logger, run_name=cfg.logger.run_name or run_name, tags=tags) if cfg.get("logger") else False
+    logger = False
+    if cfg.get("logger"):
+        logger = instantiate(cfg.logger, run_name=cfg.logger.run_name or run_name, tags=tags)
     if logger:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         logger.log_hyperparams({f"dataset/{k}": v for k, v in datamodule.stats.items()})
