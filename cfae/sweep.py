@@ -23,10 +23,13 @@ import functools
 import itertools
 import logging
 import os
+import random
 import tempfile
+import time
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from lightning.pytorch.callbacks import Callback
@@ -77,11 +80,18 @@ class CfaeOptunaSweeperImpl(OptunaSweeperImpl):
             grid = {name: d.choices for name, d in distributions.items()}
             self.n_trials = min(self.n_trials, self._grid_points_left(grid))
             log.info("discrete space: grid of %d points, %d left to run", _grid_size(grid), self.n_trials)
+        Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)  # even when no trial is left
+        self._create_study_once()
         self.parent_run_id = self._start_parent_run() if self.track else None
         status = "FAILED"
         try:
             with _tell_skips_finished_trials(self.max_failures):
-                super().sweep(arguments)
+                try:
+                    super().sweep(arguments)
+                except ValueError:  # upstream's summary asks for a best trial, and there may be none
+                    if self._load_study().get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                        raise
+                    log.warning("no trial completed (all pruned or failed): the study has no best value")
             status = "FINISHED"
         finally:
             if self.parent_run_id:
@@ -99,6 +109,19 @@ class CfaeOptunaSweeperImpl(OptunaSweeperImpl):
         ]
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _create_study_once(self, tries: int = 5) -> None:
+        """Create (or find) the study before the loop does. Workers started together against a new
+        database race to create Optuna's tables; the losers retry once the winner has made them."""
+        for attempt in range(tries):
+            try:
+                optuna.create_study(study_name=self.study_name, storage=self.storage, load_if_exists=True,
+                                    directions=self._get_directions())
+                return
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+                if attempt == tries - 1:
+                    raise
+                time.sleep(0.5 + random.random())
+
     def _load_study(self) -> optuna.Study:
         return optuna.load_study(study_name=self.study_name, storage=self.storage)
 
@@ -135,13 +158,16 @@ def _tell_skips_finished_trials(max_failure_rate: float, min_trials: int = 4):
         real_tell = study.tell
 
         def tell(trial, values=None, state=None, **_):
-            frozen = real_tell(trial, values=values, state=state, skip_if_finished=True)
+            try:
+                real_tell(trial, values=values, state=state, skip_if_finished=True)
+            except RuntimeError as err:  # GridSampler calls study.stop() once its last point is told
+                if "Study.stop" not in str(err):
+                    raise
             told["all"] += 1
-            told["failed"] += frozen.state == TrialState.FAIL
+            told["failed"] += state == TrialState.FAIL
             if told["all"] >= min_trials and told["failed"] / told["all"] > max_failure_rate:
                 raise RuntimeError(f"{told['failed']} of {told['all']} trials failed, more than "
                                    f"max_failure_rate={max_failure_rate}: stopping the sweep")
-            return frozen
 
         study.tell = tell
         return study

@@ -56,7 +56,7 @@ class VAE(RatingModel):
         for layer in self.encoder:
             h = self.hidden_activation(layer(h))  # (batch, hidden)
         mu, logvar = self.to_code(h).chunk(2, dim=-1)  # (batch, code) each
-        return mu, logvar
+        return mu, logvar.clamp(-10.0, 10.0)  # exp(logvar) must not overflow early in training
 
     def decode(self, z: Tensor) -> Tensor:
         h = z

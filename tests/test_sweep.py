@@ -1,0 +1,191 @@
+"""sweep.py end to end on the synthetic data: grid, resume, failures, pruning, parallel and shared studies,
+and the nested MLflow runs. Each sweep runs as its own process, as a user would run it."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from cfae.sweep import device_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["trainer.max_epochs=3", "trainer.enable_progress_bar=false", "data.batch_size=32"]
+
+
+def sweep(cwd: Path, data_root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "CFAE_DATA_DIR": str(data_root), **(env or {})}
+    environment.pop("MLFLOW_TRACKING_URI", None) if "MLFLOW_TRACKING_URI" not in (env or {}) else None
+    return subprocess.run([sys.executable, str(ROOT / "sweep.py"), "-m", *args], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=600)
+
+
+def ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def study(cwd: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{cwd}/mlruns/optuna.db")
+
+
+def runs(cwd: Path) -> list:
+    client = MlflowClient(f"sqlite:///{cwd}/mlruns/mlflow.db")
+    return client, client.search_runs([client.get_experiment_by_name("cfae").experiment_id])
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(data_root, tmp_path_factory):
+    """`sweep.py -m model=autorec hidden=8,16,32`, run twice in the same folder."""
+    cwd = tmp_path_factory.mktemp("grid")
+    args = [*FAST, "model=autorec", "hidden=8,16,32"]
+    first, second = ok(sweep(cwd, data_root, *args)), ok(sweep(cwd, data_root, *args))
+    return cwd, first, second
+
+
+def test_a_discrete_space_runs_each_point_exactly_once_even_when_resumed(grid_sweep):
+    cwd, first, second = grid_sweep
+    trials = study(cwd, "autorec-ml1m-item-fold0").trials
+    assert sorted(t.params["hidden"] for t in trials) == [8, 16, 32]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert "Sampler: GridSampler" in first.stderr + first.stdout
+    assert "0 left to run" in second.stderr + second.stdout
+
+
+def test_mlflow_nests_one_child_per_trial_under_one_parent_per_sweep(grid_sweep):
+    cwd, *_ = grid_sweep
+    client, all_runs = runs(cwd)
+    parents = [r for r in all_runs if r.info.run_name == "sweep-autorec-ml1m-item-fold0"]
+    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 2 and len(children) == 3  # the resumed sweep ran no new trial
+    first_parent = min(parents, key=lambda r: r.info.start_time)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {first_parent.info.run_id}
+    assert sorted(c.data.tags["optuna.trial"] for c in children) == ["0", "1", "2"]
+    assert sorted(int(c.data.params["hidden"]) for c in children) == [8, 16, 32]
+    assert all("val/rmse" in c.data.metrics and "test/rmse" in c.data.metrics for c in children)
+    best = min(c.data.metrics["val/rmse_best"] for c in children)
+    assert first_parent.data.metrics["best/val/rmse_best"] == pytest.approx(best)
+    assert first_parent.data.metrics["trials/complete"] == 3
+    assert "best/hidden" in first_parent.data.params and first_parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(first_parent.info.run_id)}
+    plots = {a.path for a in client.list_artifacts(first_parent.info.run_id, "plots")}
+    assert "trials.csv" in artifacts
+    assert {"plots/optimization_history.png", "plots/parallel_coordinate.png"} <= plots
+
+
+@pytest.mark.slow
+def test_a_study_resumes_under_its_name(data_root, tmp_path):
+    args = [*FAST, "model=autorec", "hidden=16", "optimizer.lr=interval(0.001,0.02)", "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.study_name=resumable", "logger=none"]
+    ok(sweep(tmp_path, data_root, *args))
+    ok(sweep(tmp_path, data_root, *args))
+    assert len(study(tmp_path, "resumable").trials) == 4
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(data_root, tmp_path):
+    done = ok(sweep(tmp_path, data_root, *FAST, "model=autorec", "hidden=16", "optimizer.lr=choice(1e30,0.01)"))
+    states = {t.params["optimizer.lr"]: t.state for t in study(tmp_path, "autorec-ml1m-item-fold0").trials}
+    assert states == {1e30: TrialState.FAIL, 0.01: TrialState.COMPLETE}
+    _, all_runs = runs(tmp_path)
+    (failed,) = [r for r in all_runs if r.info.status == "FAILED"]
+    assert failed.data.tags["error"].startswith("FloatingPointError: training loss is")
+    assert "Failed experiment" in done.stderr + done.stdout
+
+
+@pytest.mark.slow
+def test_too_many_failures_stop_the_sweep(data_root, tmp_path):
+    done = sweep(tmp_path, data_root, *FAST, "model=autorec", "hidden=16", "logger=none",
+                 "optimizer.lr=choice(1e30,2e30,3e30,4e30,5e30)")
+    assert done.returncode != 0
+    assert "4 of 4 trials failed, more than max_failure_rate=0.25" in done.stderr
+    assert len(study(tmp_path, "autorec-ml1m-item-fold0").trials) == 4
+
+
+def test_pruned_trials_stop_early_and_show_as_pruned(data_root, tmp_path):
+    always = "+sweep.pruner={_target_:optuna.pruners.ThresholdPruner,upper:0.0}"  # any RMSE > 0 is pruned
+    ok(sweep(tmp_path, data_root, *FAST, "trainer.max_epochs=6", "model=autorec", "hidden=8,16",
+             "~sweep.pruner", always))
+    trials = study(tmp_path, "autorec-ml1m-item-fold0").trials
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 2
+    assert all(list(t.intermediate_values) == [0] for t in trials)  # reported once, then stopped
+    _, all_runs = runs(tmp_path)
+    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    assert all(c.data.tags["optuna.state"] == "PRUNED" and c.info.status == "KILLED" for c in children)
+    assert all(c.data.metrics["epochs"] == 1 and "test/rmse" not in c.data.metrics for c in children)
+
+
+@pytest.mark.slow
+def test_parallel_trials_share_the_cores(data_root, tmp_path):
+    ok(sweep(tmp_path, data_root, *FAST, "model=autorec", "hidden=8,16", "hydra/launcher=joblib",
+             "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"))
+    _, all_runs = runs(tmp_path)
+    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2
+    assert {c.data.params["threads"] for c in children} == {str(max(1, (os.cpu_count() or 1) // 2))}
+
+
+def test_each_parallel_trial_gets_its_own_gpu_or_its_share_of_cores():
+    assert device_overrides(4, n_gpus=2, n_cpus=16) == [
+        ("trainer.accelerator=gpu", "trainer.devices=[0]"), ("trainer.accelerator=gpu", "trainer.devices=[1]"),
+        ("trainer.accelerator=gpu", "trainer.devices=[0]"), ("trainer.accelerator=gpu", "trainer.devices=[1]")]
+    assert device_overrides(3, n_gpus=0, n_cpus=16) == [("trainer.accelerator=cpu", "threads=5")] * 3
+    assert device_overrides(4, n_gpus=0, n_cpus=2) == [("trainer.accelerator=cpu", "threads=1")] * 4
+
+
+# --- several sweep.py processes sharing one study through PostgreSQL ------------------------------------
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.fixture
+def postgres():
+    """A throwaway PostgreSQL server on 127.0.0.1 (Debian's postgresql package), stopped afterwards."""
+    initdb = shutil.which("initdb", path=str(PG_BIN)) or shutil.which("initdb")
+    if not initdb:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    bin_dir = Path(initdb).parent
+    folder = Path(tempfile.mkdtemp(prefix="cfae-pg-"))
+    folder.chmod(0o777)
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctl = [*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(folder / "data")]
+    try:
+        subprocess.run([*as_postgres, initdb, "-D", str(folder / "data"), "-U", "postgres", "--auth=trust"],
+                       check=True, capture_output=True, timeout=60)
+        subprocess.run([*ctl, "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1",
+                        "-l", str(folder / "log"), "-w", "start"], check=True, capture_output=True, timeout=60)
+    except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as err:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"could not start PostgreSQL: {err}")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*ctl, "-m", "immediate", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_study_through_a_database(data_root, tmp_path, postgres):
+    args = [*FAST, "model=autorec", "hidden=16", "optimizer.lr=interval(0.001,0.02)", "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.study_name=shared", f"hydra.sweeper.storage={postgres}"]
+    folders = [tmp_path / "a", tmp_path / "b"]
+    procs = []
+    for folder in folders:
+        folder.mkdir()
+        env = {**os.environ, "CFAE_DATA_DIR": str(data_root)}
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "-m", *args], cwd=folder, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
+    trials = optuna.load_study(study_name="shared", storage=postgres).trials
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.number for t in trials}) == 4
