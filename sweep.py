@@ -8,7 +8,6 @@ from omegaconf import DictConfig
 
 from cfae.train import OBJECTIVE, train
 
-
 # The sweeper's TPE schema passes options Optuna 5 deprecates, and Optuna's plots are "experimental".
 warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

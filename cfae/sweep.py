@@ -8,8 +8,8 @@ objective. `CfaeOptunaSweeperImpl` keeps that loop and adds, around it:
 - a discrete space (every swept parameter a `choice`) is walked by Optuna's GridSampler: each point once,
   also across resumed runs of the same study;
 - parameters given on the command line replace the model's default search space (`search_space/`);
-- each job of a parallel batch gets its own GPU (`trainer.devices=[k]`), or on a CPU-only machine its
-  share of the cores (`threads`);
+- with a local launcher, each job of a parallel batch gets its own GPU (`trainer.devices=[k]`), or on a
+  CPU-only machine its share of the cores (`threads`); on a cluster (submitit, Ray) the cluster does;
 - a job that finished its trial itself (pruned) is not told again, and failures are counted over the
   whole sweep against `max_failure_rate` (upstream counts within one batch, so one failure in a batch of
   one would stop the sweep);
@@ -33,6 +33,7 @@ import sqlalchemy.exc
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
@@ -43,12 +44,25 @@ log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-def device_overrides(batch_size: int, n_gpus: int, n_cpus: int) -> list[tuple[str, ...]]:
-    """Overrides placing each of `batch_size` parallel trials: one GPU each (round robin) when there are
-    GPUs, else an equal share of the CPU cores."""
+def device_overrides(batch_size: int, n_gpus: int, n_cpus: int, parallel: int | None = None) -> list[tuple[str, ...]]:
+    """Overrides placing each trial of a batch whose jobs run `parallel` at a time (default: all at once):
+    one GPU each, round robin, when there are GPUs, else an equal share of the CPU cores."""
+    parallel = min(batch_size, parallel or batch_size)
     if n_gpus > 0:
         return [("trainer.accelerator=gpu", f"trainer.devices=[{i % n_gpus}]") for i in range(batch_size)]
-    return [("trainer.accelerator=cpu", f"threads={max(1, n_cpus // batch_size)}")] * batch_size
+    return [("trainer.accelerator=cpu", f"threads={max(1, n_cpus // parallel)}")] * batch_size
+
+
+def local_parallelism(launcher: DictConfig) -> int | None:
+    """How many jobs a launcher runs at once on this machine; None for launchers that place jobs on
+    other machines (submitit, Ray), where the cluster assigns devices and cfae leaves placement alone."""
+    target = launcher.get("_target_", "")
+    if target.endswith("BasicLauncher"):
+        return 1
+    if target.endswith("JoblibLauncher"):
+        n_jobs = launcher.get("n_jobs", -1)
+        return os.cpu_count() or 1 if n_jobs in (None, -1) else n_jobs
+    return None
 
 
 def has_sweep_overrides(arguments: list[str]) -> bool:
@@ -101,7 +115,11 @@ class CfaeOptunaSweeperImpl(OptunaSweeperImpl):
         overrides = super()._configure_trials(trials, search_space_distributions, fixed_params)
         import torch
 
-        placement = device_overrides(len(trials), torch.cuda.device_count(), os.cpu_count() or 1)
+        parallel = local_parallelism(self.config.hydra.launcher)
+        if parallel is None:
+            placement = [()] * len(trials)
+        else:
+            placement = device_overrides(len(trials), torch.cuda.device_count(), os.cpu_count() or 1, parallel)
         return [
             (*o, f"sweep.trial={t.number}", f"sweep.study='{self.study_name}'", f"sweep.storage='{self.storage}'",
              f"sweep.parent_run_id={self.parent_run_id or 'null'}", *where)

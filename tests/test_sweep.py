@@ -137,6 +137,32 @@ def test_each_parallel_trial_gets_its_own_gpu_or_its_share_of_cores():
         ("trainer.accelerator=gpu", "trainer.devices=[0]"), ("trainer.accelerator=gpu", "trainer.devices=[1]")]
     assert device_overrides(3, n_gpus=0, n_cpus=16) == [("trainer.accelerator=cpu", "threads=5")] * 3
     assert device_overrides(4, n_gpus=0, n_cpus=2) == [("trainer.accelerator=cpu", "threads=1")] * 4
+    assert device_overrides(4, n_gpus=0, n_cpus=16, parallel=1) == [("trainer.accelerator=cpu", "threads=16")] * 4
+
+
+def test_placement_follows_the_launcher():
+    from omegaconf import OmegaConf
+
+    from cfae.sweep import local_parallelism
+
+    launcher = lambda target, **kw: OmegaConf.create({"_target_": target, **kw})  # noqa: E731
+    assert local_parallelism(launcher("hydra._internal.core_plugins.basic_launcher.BasicLauncher")) == 1
+    joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    assert local_parallelism(launcher(joblib, n_jobs=3)) == 3
+    assert local_parallelism(launcher(joblib, n_jobs=-1)) == os.cpu_count()
+    slurm = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert local_parallelism(launcher(slurm)) is None  # the cluster places jobs
+
+
+@pytest.mark.slow
+def test_submitit_runs_the_trials_as_separate_jobs(data_root, tmp_path):
+    # submitit_local is the SLURM launcher's local twin: same plugin, jobs as local processes
+    ok(sweep(tmp_path, data_root, *FAST, "model=autorec", "hidden=8,16", "logger=none",
+             "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"))
+    trials = study(tmp_path, "autorec-ml1m-item-fold0").trials
+    assert sorted(t.params["hidden"] for t in trials) == [8, 16]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert len(list(tmp_path.glob("multirun/*/*/.submitit/*/*_result.pkl"))) == 2
 
 
 # --- several sweep.py processes sharing one study through PostgreSQL ------------------------------------
@@ -189,3 +215,54 @@ def test_two_processes_share_one_study_through_a_database(data_root, tmp_path, p
     trials = optuna.load_study(study_name="shared", storage=postgres).trials
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
     assert len({t.number for t in trials}) == 4
+
+
+# --- the MLflow UI shows the sweep ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_mlflow_server_serves_the_sweeps_parent_children_and_metrics(grid_sweep):
+    import json
+    import time
+    import urllib.request
+
+    cwd, *_ = grid_sweep
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{cwd}/mlruns/mlflow.db",
+         "--default-artifact-root", str(cwd / "mlruns" / "artifacts")],
+        cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+
+    def call(path: str, body: dict | None = None) -> dict:
+        request = urllib.request.Request(base + path, data=json.dumps(body).encode() if body else None,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
+
+    try:
+        for _ in range(120):  # up to a minute for the server to come up
+            try:
+                experiment = call("/experiments/get-by-name?experiment_name=cfae")["experiment"]
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not answer within a minute")
+        found = call("/runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
+        tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in found]
+        parents = [r for r, t in zip(found, tags) if t.get("mlflow.runName", "").startswith("sweep-")]
+        children = [r for r, t in zip(found, tags) if "mlflow.parentRunId" in t]
+        assert len(parents) == 2 and len(children) == 3
+        parent_ids = {p["info"]["run_id"] for p in parents}
+        assert all(t["mlflow.parentRunId"] in parent_ids for t in tags if "mlflow.parentRunId" in t)
+        for child in children:
+            assert {"val/rmse", "val/rmse_best", "test/rmse"} <= {m["key"] for m in child["data"]["metrics"]}
+        history = call(f"/metrics/get-history?run_id={children[0]['info']['run_id']}&metric_key=val/rmse")
+        assert len(history["metrics"]) == 3  # one value per epoch
+    finally:
+        os.killpg(server.pid, 15)  # the server and its workers, by process id
+        server.wait(timeout=30)
