@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import optuna
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
@@ -72,8 +73,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                  mode="min", save_top_k=1, save_last=True)
     callbacks = [checkpoint, EarlyStopping(monitor="val/rmse", mode="min", patience=cfg.patience), EpochTimer()]
     pruning = None
-    if in_sweep and sweep.get("pruner"):
-        pruning = OptunaPruning(sweep.study, sweep.storage, sweep.trial, instantiate(sweep.pruner))
+    if in_sweep:  # report every epoch; without a pruner the reports only record the trial's curve
+        pruner = instantiate(sweep.pruner) if sweep.get("pruner") else optuna.pruners.NopPruner()
+        pruning = OptunaPruning(sweep.study, sweep.storage, sweep.trial, pruner)
         callbacks.append(pruning)
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
 
