@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import optuna
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +32,13 @@ class EpochTimer(Callback):
         pl_module.log("time/epoch_s", time.perf_counter() - self.start)
 
 
+def model_name(cfg: DictConfig) -> str:
+    """The `model=` choice (autorec, denoising, ...); the class name outside a Hydra run."""
+    if HydraConfig.initialized():
+        return HydraConfig.get().runtime.choices["model"]
+    return cfg.model._target_.rsplit(".", 1)[-1].lower()
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit on the training part, early-stop on `val/rmse`, evaluate the best checkpoint on the test part.
 
@@ -50,11 +58,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     sweep = cfg.get("sweep") or {}
     in_sweep = sweep.get("trial") is not None
-    run_name = f"{type(model).__name__.lower()}-{cfg.data.dataset}-{cfg.data.orientation}-fold{cfg.data.fold}"
-    tags = {}
+    name = model_name(cfg)
+    run_name = f"{name}-{cfg.data.dataset}-{cfg.data.orientation}-fold{cfg.data.fold}"
+    tags = {**(cfg.logger.get("tags") or {}), "cfae.model": name} if cfg.get("logger") else {}
     if in_sweep:
         run_name = f"{run_name}-trial{sweep.trial}"
-        tags = {"optuna.study": sweep.study, "optuna.trial": str(sweep.trial)}
+        tags.update({"optuna.study": sweep.study, "optuna.trial": str(sweep.trial)})
         if sweep.get("parent_run_id"):
             tags["mlflow.parentRunId"] = sweep.parent_run_id
     logger = False

@@ -48,7 +48,7 @@ def test_mlflow_run_carries_metrics_params_and_provenance(trained):
     p = run.data.params
     assert p["data/fold"] == "1" and p["model/hidden_size"] == "32" and p["optimizer/_target_"] == "torch.optim.Adam"
     assert p["dataset/n_users"] == "300" and p["dataset/n_items"] == "200" and len(p["dataset/sha256"]) == 64
-    assert len(run.data.tags["mlflow.source.git.commit"]) >= 7
+    assert len(run.data.tags["mlflow.source.git.commit"]) >= 7 and run.data.tags["cfae.model"] == "autorec"
 
 
 def test_mlflow_run_stores_config_and_best_checkpoint_under_mlruns(trained):
