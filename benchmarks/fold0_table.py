@@ -3,7 +3,7 @@
     CFAE_DATA_DIR=../shared/data python benchmarks/fold0_table.py [--models autorec,svd] [--table-only]
 
 Each model is one `python train.py model=NAME` run, tracked in MLflow (the default store, or
-$MLFLOW_TRACKING_URI) with the tag cfae.table=fold0; the table is read back from MLflow, the newest run
+$MLFLOW_TRACKING_URI) with the tag table=fold0; the table is read back from MLflow, the newest run
 per model: model, orientation, test RMSE, epochs, fit time on this machine.
 """
 
@@ -32,11 +32,11 @@ def main() -> None:
     if not args.table_only:
         for model in models:
             print(f"training {model} ...", flush=True)
-            command = [sys.executable, str(ROOT / "train.py"), f"model={model}", "logger.tags={cfae.table:fold0}",
+            command = [sys.executable, str(ROOT / "train.py"), f"model={model}", "+logger.tags.table=fold0",
                        "trainer.enable_progress_bar=false"]
             subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client, experiment_id = mlflow_client()
-    runs = client.search_runs([experiment_id], "tags.`cfae.table` = 'fold0' and attributes.status = 'FINISHED'",
+    runs = client.search_runs([experiment_id], "tags.table = 'fold0' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"])
     print("| model | orientation | test RMSE (fold 0) | epochs | fit time (s) |")
     print("| --- | --- | --- | --- | --- |")

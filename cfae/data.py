@@ -55,6 +55,11 @@ GROUPLENS = "https://files.grouplens.org/datasets/movielens"
 DATASETS: dict[str, DatasetSpec] = {
     "ml100k": DatasetSpec("ml-100k", "u.data", "\t", f"{GROUPLENS}/ml-100k.zip", "0e33842e24a9c977be4e0107933c0723"),
     "ml1m": DatasetSpec("ml-1m", "ratings.dat", "::", f"{GROUPLENS}/ml-1m.zip", "c4d9eecfca2ab87c1945afe126590906"),
+    # ML-10M unpacks to ml-10M100K/; its ratings (and ML-20M's) go in half stars from 0.5
+    "ml10m": DatasetSpec("ml-10M100K", "ratings.dat", "::", f"{GROUPLENS}/ml-10m.zip",
+                         "ce571fd55effeba0271552578f2648bd", rating_min=0.5),
+    "ml20m": DatasetSpec("ml-20m", "ratings.csv", ",", f"{GROUPLENS}/ml-20m.zip",
+                         "cd245b17a1ae2cc31bb14903e1204af3", header=True, rating_min=0.5),
 }
 
 

@@ -43,6 +43,29 @@ def test_reads_both_formats_identically(tmp_path):
         np.testing.assert_array_equal(got.ratings, ratings.ratings)
 
 
+@pytest.mark.parametrize("name", ["ml100k", "ml1m", "ml10m", "ml20m"])
+def test_every_dataset_format_loads_through_the_data_module(tmp_path, name):
+    spec = data.DATASETS[name]
+    ratings = planted_ratings(n_users=40, n_items=30, density=0.5)
+    if spec.rating_min == 0.5:  # half stars
+        ratings = ratings._replace(ratings=ratings.ratings - 0.5 * (ratings.users % 2))
+    header = "userId,movieId,rating,timestamp" if spec.header else None
+    write_ratings(tmp_path / spec.dirname / spec.ratings_file, ratings, separator=spec.separator, header=header)
+    dm = MovieLensDataModule(dataset=name, root=str(tmp_path), download=False, min_item_ratings=1)
+    dm.setup()
+    assert dm.train_matrix.nnz + dm.val_matrix.nnz + dm.test_matrix.nnz == len(ratings.ratings)
+    assert sorted(np.concatenate([m.data for m in (dm.train_matrix, dm.val_matrix, dm.test_matrix)])) == sorted(
+        ratings.ratings)
+    assert dm.rating_range == (spec.rating_min, 5.0)
+
+
+def test_csv_header_is_skipped_but_counted_in_line_numbers(tmp_path):
+    path = tmp_path / "ratings.csv"
+    path.write_text("userId,movieId,rating,timestamp\n1,10,4.5,1\n1,11,5.5,2\n")
+    with pytest.raises(DataError, match=rf"{path}:3: .*rating 5.5 outside \[0.5, 5\]"):
+        read_ratings(path, ",", header=True, rating_min=0.5)
+
+
 def test_malformed_line_names_file_and_line(tmp_path):
     path = tmp_path / "ratings.dat"
     path.write_text("1::10::5::978300760\n1::11::4::978300761\n2::12::oops::978300762\n")
@@ -72,7 +95,7 @@ def test_duplicate_pair_is_an_error():
 # --- locating and downloading ------------------------------------------------------------------------
 
 def test_unknown_dataset():
-    with pytest.raises(DataError, match="unknown dataset 'ml2m'.*ml100k, ml1m"):
+    with pytest.raises(DataError, match="unknown dataset 'ml2m'.*ml100k, ml10m, ml1m, ml20m"):
         MovieLensDataModule(dataset="ml2m")
 
 
