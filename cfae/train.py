@@ -39,6 +39,30 @@ def model_name(cfg: DictConfig) -> str:
     return cfg.model._target_.rsplit(".", 1)[-1].lower()
 
 
+def start_run(cfg: DictConfig, datamodule, output_dir: Path):
+    """The MLflow logger of this run (False without one), carrying the resolved config, the dataset's
+    statistics and checksum, the git commit and, in a sweep, the trial and its parent run."""
+    if not cfg.get("logger"):
+        return False
+    sweep, name = cfg.get("sweep") or {}, model_name(cfg)
+    run_name = f"{name}-{cfg.data.dataset}-{cfg.data.orientation}-fold{cfg.data.fold}"
+    tags = {**(cfg.logger.get("tags") or {}), "cfae.model": name}
+    if sweep.get("trial") is not None:
+        run_name = f"{run_name}-trial{sweep.trial}"
+        tags.update({"optuna.study": sweep.study, "optuna.trial": str(sweep.trial)})
+        if sweep.get("parent_run_id"):
+            tags["mlflow.parentRunId"] = sweep.parent_run_id
+    logger = instantiate(cfg.logger, run_name=cfg.logger.run_name or run_name, tags=tags)
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    logger.log_hyperparams({f"dataset/{k}": v for k, v in datamodule.stats.items()})
+    logger.experiment.set_tag(logger.run_id, "mlflow.source.git.commit", git_commit())
+    config_file = output_dir / "config.yaml"
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, config_file, resolve=True)
+    logger.experiment.log_artifact(logger.run_id, str(config_file))
+    return logger
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit on the training part, early-stop on `val/rmse`, evaluate the best checkpoint on the test part.
 
@@ -55,34 +79,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     rating_min, rating_max = datamodule.rating_range
     model = instantiate(cfg.model, n_inputs=datamodule.n_cols, n_rows=datamodule.n_rows, rating_min=rating_min,
                         rating_max=rating_max, optimizer=instantiate(cfg.optimizer))
-
-    sweep = cfg.get("sweep") or {}
-    in_sweep = sweep.get("trial") is not None
-    name = model_name(cfg)
-    run_name = f"{name}-{cfg.data.dataset}-{cfg.data.orientation}-fold{cfg.data.fold}"
-    tags = {**(cfg.logger.get("tags") or {}), "cfae.model": name} if cfg.get("logger") else {}
-    if in_sweep:
-        run_name = f"{run_name}-trial{sweep.trial}"
-        tags.update({"optuna.study": sweep.study, "optuna.trial": str(sweep.trial)})
-        if sweep.get("parent_run_id"):
-            tags["mlflow.parentRunId"] = sweep.parent_run_id
-    logger = False
-    if cfg.get("logger"):
-        logger = instantiate(cfg.logger, run_name=cfg.logger.run_name or run_name, tags=tags)
-    if logger:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        logger.log_hyperparams({f"dataset/{k}": v for k, v in datamodule.stats.items()})
-        logger.experiment.set_tag(logger.run_id, "mlflow.source.git.commit", git_commit())
-        config_file = output_dir / "config.yaml"
-        config_file.parent.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, config_file, resolve=True)
-        logger.experiment.log_artifact(logger.run_id, str(config_file))
+    logger = start_run(cfg, datamodule, output_dir)
 
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor="val/rmse",
                                  mode="min", save_top_k=1, save_last=True)
     callbacks = [checkpoint, EarlyStopping(monitor="val/rmse", mode="min", patience=cfg.patience), EpochTimer()]
+    sweep = cfg.get("sweep") or {}
     pruning = None
-    if in_sweep:  # report every epoch; without a pruner the reports only record the trial's curve
+    if sweep.get("trial") is not None:  # report every epoch; with no pruner that only records the curve
         pruner = instantiate(sweep.pruner) if sweep.get("pruner") else optuna.pruners.NopPruner()
         pruning = OptunaPruning(sweep.study, sweep.storage, sweep.trial, pruner)
         callbacks.append(pruning)
@@ -95,24 +99,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if logger:
             logger.experiment.set_tag(logger.run_id, "error", f"{type(err).__name__}: {err}"[:5000])
         raise
-    fit_s = time.perf_counter() - start
-    metrics = {OBJECTIVE: float(model.val_rmse_best.compute()), "time/fit_s": fit_s,
+    metrics = {OBJECTIVE: float(model.val_rmse_best.compute()), "time/fit_s": time.perf_counter() - start,
                "epochs": trainer.current_epoch}
-    if pruning and pruning.pruned:  # no test for a trial the sweep gave up on
+    pruned = pruning is not None and pruning.pruned
+    if pruned:  # no test for a trial the sweep gave up on
         pruning.finish_pruned()
-        if logger:
-            logger.log_metrics({k: metrics[k] for k in (OBJECTIVE, "time/fit_s", "epochs")})
-            logger.experiment.set_tag(logger.run_id, "optuna.state", "PRUNED")
-            logger.finalize("KILLED")
-        return metrics
-    test = trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
-    metrics["test/rmse"] = float(test["test/rmse"])
+    else:
+        test = trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
+        metrics["test/rmse"] = float(test["test/rmse"])
     if logger:
         logger.log_metrics({k: metrics[k] for k in (OBJECTIVE, "time/fit_s", "epochs")})
-        logger.experiment.log_artifact(logger.run_id, checkpoint.best_model_path, "checkpoints")
-        if in_sweep:
-            logger.experiment.set_tag(logger.run_id, "optuna.state", "COMPLETE")
-        logger.finalize("success")
-    log.info("test/rmse=%.4f val/rmse_best=%.4f epochs=%d fit=%.1fs (best checkpoint %s)",
-             metrics["test/rmse"], metrics[OBJECTIVE], metrics["epochs"], fit_s, checkpoint.best_model_path)
+        if pruning is not None:
+            logger.experiment.set_tag(logger.run_id, "optuna.state", "PRUNED" if pruned else "COMPLETE")
+        if not pruned:
+            logger.experiment.log_artifact(logger.run_id, checkpoint.best_model_path, "checkpoints")
+        logger.finalize("KILLED" if pruned else "success")
+    log.info("%s: val/rmse_best=%.4f test/rmse=%s epochs=%d fit=%.1fs (best checkpoint %s)",
+             "pruned" if pruned else "done", metrics[OBJECTIVE], f"{metrics.get('test/rmse', float('nan')):.4f}",
+             metrics["epochs"], metrics["time/fit_s"], checkpoint.best_model_path)
     return metrics
