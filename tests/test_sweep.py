@@ -167,13 +167,11 @@ def test_submitit_runs_the_trials_as_separate_jobs(data_root, tmp_path):
 
 # --- several sweep.py processes sharing one study through PostgreSQL ------------------------------------
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
 @pytest.fixture
 def postgres():
     """A throwaway PostgreSQL server on 127.0.0.1 (Debian's postgresql package), stopped afterwards."""
-    initdb = shutil.which("initdb", path=str(PG_BIN)) or shutil.which("initdb")
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))  # Debian keeps them off the PATH
+    initdb = str(debian[-1]) if debian else shutil.which("initdb")
     if not initdb:
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
     bin_dir = Path(initdb).parent
