@@ -140,17 +140,23 @@ MODELS = {  # model: overrides that fit the tiny synthetic set in a few seconds
 }
 
 
+ORIENTATIONS = ["item", pytest.param("user", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
 @pytest.mark.parametrize("name", MODELS)
-def test_every_model_learns_the_planted_structure_better_than_the_global_mean(name, data_root, tmp_path):
+def test_every_model_learns_the_planted_structure_better_than_the_global_mean(name, orientation, data_root,
+                                                                                tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[
             f"model={name}", f"data.root={data_root}", "data.download=false", "data.batch_size=16",
-            "trainer.max_epochs=25", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-            "logger=none", f"output_dir={tmp_path}", *MODELS[name]])
+            f"data.orientation={orientation}", "trainer.max_epochs=25", "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false", "logger=none", f"output_dir={tmp_path}", *MODELS[name]])
     from cfae.data import MovieLensDataModule
 
-    dm = MovieLensDataModule(root=str(data_root), download=False)
+    dm = MovieLensDataModule(root=str(data_root), download=False, orientation=orientation)
     dm.setup()
     global_mean = float(np.sqrt(np.mean((dm.test_matrix.data - dm.train_val_matrix.data.mean()) ** 2)))
     metrics = train(cfg)
-    assert metrics["test/rmse"] < 0.9 * global_mean, (metrics, global_mean)
+    margin = 0.95 if name == "bias" else 0.9  # biases alone cannot model the planted interactions
+    assert metrics["test/rmse"] < margin * global_mean, (metrics, global_mean)
