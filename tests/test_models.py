@@ -7,7 +7,7 @@ import scipy.sparse as sp
 import torch
 
 from cfae.data import MovieLensDataModule, SparseRows
-from cfae.models import AutoRec
+from cfae.models import VAE, AutoRec, DeepAutoencoder
 from cfae.models.base import SparseLinear, masked_mse
 
 
@@ -75,3 +75,44 @@ def test_autorec_learns_the_planted_structure(data_root, orientation):
     baseline = global_mean_rmse(dm)
     rmse = fit(model, dm, epochs=25)
     assert rmse < 0.75 * baseline, (rmse, baseline)
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: AutoRec(n_inputs=9, hidden_size=4, **kw),
+    lambda **kw: AutoRec(n_inputs=9, hidden_size=4, output_activation="sigmoid", **kw),
+    lambda **kw: DeepAutoencoder(n_inputs=9, layer_sizes=[5, 3], **kw),
+    lambda **kw: DeepAutoencoder(n_inputs=9, layer_sizes=[5, 3], tied=True, **kw),
+    lambda **kw: VAE(n_inputs=9, layer_sizes=[5, 3], **kw),
+], ids=["autorec", "autorec-sigmoid-output", "deep", "deep-tied", "vae"])
+def test_sparse_and_dense_output_paths_give_the_same_loss_and_gradients(make):
+    torch.manual_seed(0)
+    sparse, dense = make(output_path="sparse", optimizer=torch.optim.Adam), make(output_path="dense",
+                                                                                 optimizer=torch.optim.Adam)
+    dense.load_state_dict(sparse.state_dict())
+    x = random_rows(n_rows=6, n_cols=9, density=0.4)
+    losses, grads = [], []
+    for model in (sparse, dense):
+        torch.manual_seed(1)  # the same VAE sample in both
+        loss = model.training_loss(x)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
+    torch.testing.assert_close(losses[0], losses[1])
+    for g_sparse, g_dense in zip(*grads):
+        if g_dense is None:
+            assert g_sparse is None
+        else:
+            torch.testing.assert_close(g_sparse, g_dense)
+    sparse.eval(), dense.eval()
+    torch.testing.assert_close(sparse.predict_at(x, x), dense(x)[x.row_index(), x.col])
+
+
+def test_auto_output_path_goes_sparse_only_for_outputs_too_big_to_hold_and_forced_paths_hold():
+    x = random_rows()
+    auto = AutoRec(n_inputs=9, optimizer=torch.optim.Adam)
+    assert not auto.sparse_output(x)
+    wide = x._replace(n_cols=138_000, crow=torch.zeros(1025, dtype=torch.long))  # 1024 rows x 138k columns
+    assert auto.sparse_output(wide)
+    assert AutoRec(n_inputs=9, output_path="sparse", optimizer=torch.optim.Adam).sparse_output(x)
+    assert not AutoRec(n_inputs=9, output_path="dense", optimizer=torch.optim.Adam).sparse_output(wide)
+    with pytest.raises(ValueError, match="output_path='fast'"):
+        AutoRec(n_inputs=9, output_path="fast", optimizer=torch.optim.Adam)

@@ -36,13 +36,15 @@ class AutoRec(RatingModel):
         super().__init__(n_inputs=n_inputs, **base)
         self.input_dropout, self.input_noise = input_dropout, input_noise
         self.encoder = SparseLinear(n_inputs, hidden_size)  # W, b
-        self.hidden_activation = activation(hidden_activation)
+        self.hidden_activation = activation(hidden_activation)  # g
         self.dropout = nn.Dropout(dropout)
-        self.decoder = nn.Linear(hidden_size, n_inputs)  # V, c
-        self.output_activation = activation(output_activation)
+        self.decoder = SparseLinear(hidden_size, n_inputs)  # V, c
+        self.output_function = activation(output_activation)  # f
 
-    def forward(self, r: SparseRows | Tensor) -> Tensor:
+    def features(self, r: SparseRows | Tensor) -> Tensor:
         if self.training and isinstance(r, SparseRows):
             r = corrupt(r, self.input_dropout, self.input_noise)  # the loss still scores the clean r
-        h = self.dropout(self.hidden_activation(self.encoder(r)))  # (batch, hidden_size)
-        return self.output_activation(self.decoder(h))  # (batch, n_inputs)
+        return self.dropout(self.hidden_activation(self.encoder(r)))  # h(r): (batch, hidden_size)
+
+    def output_layer(self) -> tuple[Tensor, Tensor]:
+        return self.decoder.weight, self.decoder.bias  # V: (hidden_size, n_inputs), c

@@ -44,12 +44,15 @@ class MatrixFactorization(RatingModel):
         p = self.row_factors[x.rows]  # (batch, factors)
         return self.mean + self.row_bias[x.rows, None] + self.col_bias + p @ self.col_factors.T  # (batch, n_cols)
 
+    def predict_at(self, x: SparseRows, at: SparseRows) -> Tensor:
+        u, i = at.rows[at.row_index()], at.col  # (nnz,) each
+        return self.mean + self.row_bias[u] + self.col_bias[i] + (self.row_factors[u] * self.col_factors[i]).sum(-1)
+
     def training_loss(self, batch: SparseRows) -> Tensor:
         u, i = batch.rows[batch.row_index()], batch.col  # (nnz,) each: only the observed cells
         p, q, bu, bi = self.row_factors[u], self.col_factors[i], self.row_bias[u], self.col_bias[i]
-        pred = self.mean + bu + bi + (p * q).sum(-1)
         penalty = p.square().sum(-1) + q.square().sum(-1) + bu.square() + bi.square()
-        return (pred - batch.val).square().mean() + self.regularization * penalty.mean()
+        return (self.predict_at(batch, batch) - batch.val).square().mean() + self.regularization * penalty.mean()
 
 
 def imputed_svd(ratings: sp.csr_matrix, n_factors: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,3 +107,7 @@ class ImputedSVD(RatingModel):
 
     def forward(self, x: SparseRows) -> Tensor:
         return self.row_factors[x.rows] @ self.col_factors.T  # (batch, n_cols)
+
+    def predict_at(self, x: SparseRows, at: SparseRows) -> Tensor:
+        u, i = at.rows[at.row_index()], at.col
+        return (self.row_factors[u] * self.col_factors[i]).sum(-1)

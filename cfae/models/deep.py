@@ -59,7 +59,7 @@ class DeepAutoencoder(RatingModel):
         self.encoder_norms = nn.ModuleList(norm(b) for b in sizes[1:])
         self.decoder_norms = nn.ModuleList(norm(b) for b in mirror[1:-1])  # not on the output
         self.hidden_activation = activation(hidden_activation)
-        self.output_activation = activation(output_activation)
+        self.output_function = activation(output_activation)
         self.code_dropout = nn.Dropout(dropout)
 
     def decoder_layer(self, i: int, h: Tensor) -> Tensor:
@@ -67,20 +67,26 @@ class DeepAutoencoder(RatingModel):
             return h @ self.encoder[-1 - i].weight.T + self.decoder_bias[i]
         return self.decoder[i](h)
 
-    def forward(self, x: SparseRows | Tensor) -> Tensor:
+    def features(self, x: SparseRows | Tensor) -> Tensor:
         if self.training and isinstance(x, SparseRows):
             x = corrupt(x, self.input_dropout, self.input_noise)
         h = x
         for layer, norm in zip(self.encoder, self.encoder_norms):
             h = self.hidden_activation(norm(layer(h)))  # (batch, layer size)
         h = self.code_dropout(h)  # (batch, code size)
-        n_decoder = len(self.encoder)
-        for i in range(n_decoder - 1):
-            h = self.hidden_activation(self.decoder_norms[i](self.decoder_layer(i, h)))
-        return self.output_activation(self.decoder_layer(n_decoder - 1, h))  # (batch, n_inputs)
+        for i, norm in enumerate(self.decoder_norms):  # all decoder layers but the output layer
+            h = self.hidden_activation(norm(self.decoder_layer(i, h)))
+        return h  # (batch, layer_sizes[0])
+
+    def output_layer(self) -> tuple[Tensor, Tensor]:
+        if self.tied:
+            return self.encoder[0].weight.T, self.decoder_bias[-1]
+        return self.decoder[-1].weight, self.decoder[-1].bias
 
     def training_loss(self, batch: SparseRows) -> Tensor:
-        out = self(batch)  # (batch, n_inputs)
+        if not self.refeed:
+            return super().training_loss(batch)
+        out = self(batch)  # (batch, n_inputs): re-feeding needs the dense output anyway
         loss = masked_mse(out, batch)
         y = out.detach()
         for _ in range(self.refeed):  # Kuchaiev & Ginsburg, sec. 2.3
@@ -88,4 +94,3 @@ class DeepAutoencoder(RatingModel):
             loss = loss + F.mse_loss(refed, y)
             y = refed.detach()
         return loss
-

@@ -42,7 +42,7 @@ class VAE(RatingModel):
         mirror = [code, *hidden[::-1], n_inputs]
         self.decoder = nn.ModuleList(SparseLinear(a, b) for a, b in zip(mirror[:-1], mirror[1:]))
         self.hidden_activation = activation(hidden_activation)
-        self.output_activation = activation(output_activation)
+        self.output_function = activation(output_activation)
         self.input_dropout = dropout
 
     def kl_weight(self, step: int) -> float:
@@ -58,24 +58,31 @@ class VAE(RatingModel):
         mu, logvar = self.to_code(h).chunk(2, dim=-1)  # (batch, code) each
         return mu, logvar.clamp(-10.0, 10.0)  # exp(logvar) must not overflow early in training
 
-    def decode(self, z: Tensor) -> Tensor:
+    def decoder_features(self, z: Tensor) -> Tensor:
         h = z
         for layer in self.decoder[:-1]:
             h = self.hidden_activation(layer(h))
-        return self.output_activation(self.decoder[-1](h))  # (batch, n_inputs)
+        return h  # (batch, last decoder hidden size)
 
-    def forward(self, x: SparseRows | Tensor) -> Tensor:
+    def decode(self, z: Tensor) -> Tensor:
+        """(batch, n_inputs) dense reconstruction from codes z."""
+        weight, bias = self.output_layer()
+        return self.output_function(self.decoder_features(z) @ weight + bias)
+
+    def features(self, x: SparseRows | Tensor) -> Tensor:
         mu, logvar = self.encode(x)
         if not self.training:
-            return self.decode(mu)  # evaluation uses the mean code
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()  # reparameterisation
-        return self.decode(z)
+            return self.decoder_features(mu)  # evaluation uses the mean code
+        return self.decoder_features(mu + torch.randn_like(mu) * (0.5 * logvar).exp())  # reparameterisation
+
+    def output_layer(self) -> tuple[Tensor, Tensor]:
+        return self.decoder[-1].weight, self.decoder[-1].bias
 
     def training_loss(self, batch: SparseRows) -> Tensor:
         mu, logvar = self.encode(batch)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        out = self.decode(z)  # (batch, n_inputs)
-        squared_error = (out[batch.row_index(), batch.col] - batch.val).square().sum()
+        pred = self.output_at(self.decoder_features(z), batch)  # (nnz,) only the observed cells
+        squared_error = (pred - batch.val).square().sum()
         kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum()  # summed over rows and code
         beta = self.kl_weight(self.global_step)
         self.log("train/kl", kl / batch.n_rows, on_step=False, on_epoch=True, batch_size=batch.n_rows)
