@@ -30,6 +30,7 @@ from pathlib import Path
 
 import optuna
 import sqlalchemy.exc
+import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from lightning.pytorch.callbacks import Callback
@@ -74,6 +75,9 @@ class CfaeOptunaSweeperImpl(OptunaSweeperImpl):
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         self.tracking_uri = config.logger.uri if config.get("logger") else None
         self.track = bool(config.get("logger"))
+        if not self.storage:
+            raise ValueError("hydra.sweeper.storage must be a database URL (sqlite:///mlruns/optuna.db, "
+                             "postgresql://...): each trial reports to the study from its own job")
         if isinstance(self.storage, str) and self.storage.startswith("sqlite:///"):
             Path(self.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.max_failures = self.max_failure_rate
@@ -113,8 +117,6 @@ class CfaeOptunaSweeperImpl(OptunaSweeperImpl):
 
     def _configure_trials(self, trials, search_space_distributions, fixed_params):
         overrides = super()._configure_trials(trials, search_space_distributions, fixed_params)
-        import torch
-
         parallel = local_parallelism(self.config.hydra.launcher)
         if parallel is None:
             placement = [()] * len(trials)

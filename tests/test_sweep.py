@@ -99,6 +99,11 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(data_root, tmp_path):
     assert "Failed experiment" in done.stderr + done.stdout
 
 
+def test_a_sweep_without_a_storage_is_a_clear_error(data_root, tmp_path):
+    done = sweep(tmp_path, data_root, *FAST, "model=autorec", "hidden=8,16", "hydra.sweeper.storage=null")
+    assert done.returncode != 0 and "hydra.sweeper.storage must be a database URL" in done.stderr
+
+
 @pytest.mark.slow
 def test_too_many_failures_stop_the_sweep(data_root, tmp_path):
     done = sweep(tmp_path, data_root, *FAST, "model=autorec", "hidden=16", "logger=none",
