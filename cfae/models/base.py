@@ -10,6 +10,7 @@ or only at the cells a loss or a metric needs (`predict_at`). It may override on
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import lightning as L
@@ -20,6 +21,10 @@ from torchmetrics import MinMetric
 
 from cfae.data import EvalBatch, SparseRows
 from cfae.metrics import MaskedRMSE
+
+# cfae uses torch's CSR tensors knowingly (SampledLinear), and closed-form models skip training steps on purpose.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
