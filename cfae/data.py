@@ -400,18 +400,30 @@ class MovieLensDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         locate_ratings(self.dataset, self.root, self.download)
 
+    @classmethod
+    def from_ratings(cls, ratings: Ratings, name: str = "in-memory", **kwargs) -> MovieLensDataModule:
+        """A DataModule over ratings already in memory (synthetic benchmarks), split and batched the same way."""
+        dm = cls(download=False, **kwargs)
+        dm.given = (ratings, name)
+        return dm
+
     def setup(self, stage: str | None = None) -> None:
         if self.prepared:
             return
-        path = locate_ratings(self.dataset, self.root, self.download)
-        spec = self.spec
-        ratings = read_ratings(path, spec.separator, spec.header, spec.rating_min, spec.rating_max)
-        rm = build_matrix(ratings, self.min_item_ratings, source=str(path))
-        self.checksum = file_digest(path)
-        self.stats = {**rm.stats, "sha256": self.checksum, "file": str(path)}
+        if getattr(self, "given", None):
+            ratings, source = self.given
+            checksum = hashlib.sha256(np.stack([ratings.users, ratings.items]).tobytes()).hexdigest()
+        else:
+            path = locate_ratings(self.dataset, self.root, self.download)
+            spec = self.spec
+            ratings = read_ratings(path, spec.separator, spec.header, spec.rating_min, spec.rating_max)
+            source, checksum = str(path), file_digest(path)
+        rm = build_matrix(ratings, self.min_item_ratings, source=source)
+        self.checksum = checksum
+        self.stats = {**rm.stats, "sha256": self.checksum, "file": source}
         log.info("%s: %d users, %d items, %d ratings (dropped %d items / %d ratings with < %d ratings), sha256 %s",
-                 path, *(rm.stats[k] for k in ("n_users", "n_items", "n_ratings", "dropped_items",
-                                               "dropped_ratings")), self.min_item_ratings, self.checksum[:12])
+                 source, *(rm.stats[k] for k in ("n_users", "n_items", "n_ratings", "dropped_items",
+                                                 "dropped_ratings")), self.min_item_ratings, self.checksum[:12])
 
         m = rm.matrix.tocoo()
         rows, cols = (m.row, m.col) if self.orientation == "user" else (m.col, m.row)

@@ -16,8 +16,15 @@ from cfae.data import Ratings
 def planted_ratings(n_users: int = 300, n_items: int = 200, rank: int = 3, density: float = 0.3,
                     noise: float = 0.25, seed: int = 0) -> Ratings:
     rng = np.random.default_rng(seed)
-    n = int(density * n_users * n_items)
-    cells = np.sort(rng.choice(n_users * n_items, size=n, replace=False))
+    n_cells = n_users * n_items
+    n = int(density * n_cells)
+    if n_cells <= 10**7:
+        cells = np.sort(rng.choice(n_cells, size=n, replace=False))
+    else:  # ML-20M's shape has 3.7e9 cells: draw with replacement, drop repeats, top up
+        cells = np.unique(rng.integers(0, n_cells, size=int(n * 1.01) + 1000))
+        while len(cells) < n:
+            cells = np.unique(np.concatenate([cells, rng.integers(0, n_cells, size=n - len(cells) + 1000)]))
+        cells = np.sort(rng.choice(cells, size=n, replace=False))
     users, items = np.divmod(cells, n_items)
     p = rng.normal(size=(n_users, rank))
     q = rng.normal(size=(n_items, rank))

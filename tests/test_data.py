@@ -219,6 +219,20 @@ def test_batches_cover_every_row_once_and_never_leave_a_single_row_alone(n_rows,
     assert sorted(sum(batches, [])) == list(range(n_rows))
 
 
+def test_a_data_module_over_ratings_in_memory_splits_like_one_over_a_file(data_root):
+    from_file = module(data_root)
+    in_memory = MovieLensDataModule.from_ratings(planted_ratings())
+    in_memory.setup()
+    assert (from_file.test_matrix != in_memory.test_matrix).nnz == 0
+    assert (from_file.train_matrix != in_memory.train_matrix).nnz == 0
+
+
+def test_planted_ratings_at_a_huge_shape_are_unique_cells():
+    r = planted_ratings(n_users=138_493, n_items=26_744, density=2e-5, seed=1)  # 3.7e9 cells, 74k ratings
+    assert len(r.ratings) == int(2e-5 * 138_493 * 26_744)
+    assert len(np.unique(r.users * 26_744 + r.items)) == len(r.ratings)
+
+
 def test_sparse_rows_densify_to_the_csr_matrix():
     m = sp.random(5, 7, density=0.3, format="csr", random_state=0, dtype=np.float32)
     rows = SparseRows.from_csr(m, np.arange(5))

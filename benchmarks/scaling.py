@@ -1,0 +1,91 @@
+"""Seconds per AutoRec epoch and peak resident memory as the number of ratings grows.
+
+    CFAE_DATA_DIR=../shared/data python benchmarks/scaling.py [--sets ml100k,ml1m,syn5m,syn20m]
+
+AutoRec (latent 500, item rows, batch 256, Adam as configured) trains two epochs on each set, the second
+timed, validation off, each set in its own process so that its peak resident memory is its own. The
+synthetic sets have ML-20M's shape (138,493 users x 26,744 items) and a planted low-rank structure. Last
+line: `<set>_s=` seconds per epoch, `<set>_gb=` peak memory, and `syn20m_over_20x_ml1m=`, the 20M-rating
+epoch over twenty ML-1M epochs (1.0 would be cost in proportion to the ratings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ML20M_SHAPE = (138_493, 26_744)
+SYNTHETIC = {"syn5m": 5_000_000, "syn20m": 20_000_000}
+
+
+def one(name: str) -> dict:
+    import lightning as L
+    import torch
+
+    from cfae.data import MovieLensDataModule
+    from cfae.models import AutoRec
+    from cfae.synthetic import planted_ratings
+
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    common = {"orientation": "item", "batch_size": 256, "min_item_ratings": 1 if name in SYNTHETIC else 10}
+    if name in SYNTHETIC:
+        users, items = ML20M_SHAPE
+        ratings = planted_ratings(users, items, density=SYNTHETIC[name] / (users * items), seed=0)
+        dm = MovieLensDataModule.from_ratings(ratings, name=name, **common)
+    else:
+        root = os.environ.get("CFAE_DATA_DIR") or str(ROOT.parent / "shared" / "data")
+        dm = MovieLensDataModule(dataset=name, root=root, download=False, **common)
+    dm.setup()
+    times = []
+
+    class Timer(L.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, module):
+            times.append(time.perf_counter() - self.start)
+
+    model = AutoRec(n_inputs=dm.n_cols, hidden_size=500,
+                    optimizer=lambda params: torch.optim.Adam(params, lr=1e-3, fused=True))
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[Timer()], accelerator="cpu")
+    trainer.fit(model, datamodule=dm)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    return {"set": name, "ratings": int(dm.train_matrix.nnz), "rows": dm.n_rows, "cols": dm.n_cols,
+            "s_per_epoch": times[-1], "peak_gb": peak_gb}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", default="ml100k,ml1m,syn5m,syn20m")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one)))
+        return
+    results = {}
+    for name in args.sets.split(","):
+        done = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{name}: failed\n{done.stderr[-2000:]}")
+            continue
+        r = results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{name:>7}: {r['ratings']:>10,} training ratings, {r['rows']:,} rows x {r['cols']:,} cols: "
+              f"{r['s_per_epoch']:.2f} s per epoch, peak {r['peak_gb']:.2f} GB", flush=True)
+    figures = [f"{n}_s={r['s_per_epoch']:.3f} {n}_gb={r['peak_gb']:.2f}" for n, r in results.items()]
+    if "syn20m" in results and "ml1m" in results:
+        over = results["syn20m"]["s_per_epoch"] / (20 * results["ml1m"]["s_per_epoch"])
+        figures.append(f"syn20m_over_20x_ml1m={over:.2f}")
+    print(" ".join(figures))
+
+
+if __name__ == "__main__":
+    main()
