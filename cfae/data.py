@@ -398,7 +398,8 @@ class MovieLensDataModule(L.LightningDataModule):
         self.prepared = False
 
     def prepare_data(self) -> None:
-        locate_ratings(self.dataset, self.root, self.download)
+        if not getattr(self, "given", None):  # ratings given in memory need no files
+            locate_ratings(self.dataset, self.root, self.download)
 
     @classmethod
     def from_ratings(cls, ratings: Ratings, name: str = "in-memory", **kwargs) -> MovieLensDataModule:
