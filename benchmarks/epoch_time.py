@@ -25,6 +25,7 @@ from torch import nn
 
 from cfae.data import MovieLensDataModule
 from cfae.models import VAE, AutoRec, DeepAutoencoder
+from cfae.train import EpochTimer
 
 HIDDEN = 500
 
@@ -82,19 +83,11 @@ def cfae_model(name: str, n_cols: int, output_path: str) -> L.LightningModule:
 
 
 def cfae_epochs(name: str, dm: MovieLensDataModule, epochs: int, output_path: str) -> list[float]:
-    times = []
-
-    class Timer(L.Callback):
-        def on_train_epoch_start(self, trainer, module):
-            self.start = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer, module):
-            times.append(time.perf_counter() - self.start)
-
+    timer = EpochTimer()
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[Timer()], accelerator="cpu")
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer], accelerator="cpu")
     trainer.fit(cfae_model(name, dm.n_cols, output_path), datamodule=dm)
-    return times
+    return timer.times
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +32,7 @@ def one(name: str) -> dict:
     from cfae.data import MovieLensDataModule
     from cfae.models import AutoRec
     from cfae.synthetic import planted_ratings
+    from cfae.train import EpochTimer
 
     logging.getLogger("lightning").setLevel(logging.ERROR)
     common = {"orientation": "item", "batch_size": 256, "min_item_ratings": 1 if name in SYNTHETIC else 10}
@@ -44,23 +44,15 @@ def one(name: str) -> dict:
         root = os.environ.get("CFAE_DATA_DIR") or str(ROOT.parent / "shared" / "data")
         dm = MovieLensDataModule(dataset=name, root=root, download=False, **common)
     dm.setup()
-    times = []
-
-    class Timer(L.Callback):
-        def on_train_epoch_start(self, trainer, module):
-            self.start = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer, module):
-            times.append(time.perf_counter() - self.start)
-
+    timer = EpochTimer()
     model = AutoRec(n_inputs=dm.n_cols, hidden_size=500,
                     optimizer=lambda params: torch.optim.Adam(params, lr=1e-3, fused=True))
     trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[Timer()], accelerator="cpu")
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer], accelerator="cpu")
     trainer.fit(model, datamodule=dm)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
     return {"set": name, "ratings": int(dm.train_matrix.nnz), "rows": dm.n_rows, "cols": dm.n_cols,
-            "s_per_epoch": times[-1], "peak_gb": peak_gb}
+            "s_per_epoch": timer.times[-1], "peak_gb": peak_gb}
 
 
 def main() -> None:

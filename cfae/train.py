@@ -23,13 +23,18 @@ OBJECTIVE = "val/rmse_best"  # what checkpointing, early stopping (via val/rmse)
 
 
 class EpochTimer(Callback):
-    """Logs `time/epoch_s`, the wall time of each training epoch (validation excluded)."""
+    """Logs `time/epoch_s`, the wall time of each training epoch (validation excluded), and keeps them
+    in `times`."""
+
+    def __init__(self):
+        self.times: list[float] = []
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        pl_module.log("time/epoch_s", time.perf_counter() - self.start)
+        self.times.append(time.perf_counter() - self.start)
+        pl_module.log("time/epoch_s", self.times[-1])
 
 
 def model_name(cfg: DictConfig) -> str:
