@@ -153,8 +153,7 @@ def read_ratings(path: str | Path, separator: str, header: bool = False,
     """
     path = Path(path)
     text = path.read_bytes()
-    first = text.index(b"\n") + 1 if header and b"\n" in text else (len(text) if header else 0)
-    body = text[first:]
+    body = text.partition(b"\n")[2] if header else text
     lines = body.count(b"\n") + (0 if body.endswith(b"\n") or not body else 1)
     try:
         tokens = np.array(body.replace(separator.encode(), b" ").split())
@@ -246,16 +245,20 @@ class Split(NamedTuple):
     test: np.ndarray
 
 
-def split_ratings(n_ratings: int, fold: int, n_folds: int = 5, test_fraction: float = 0.2,
-                  val_fraction: float = 0.05, seed: int = 0) -> Split:
-    """Fold `fold` of `n_folds` independent random splits, as in the study (sec. 4.1: "the test sets are
-    not disjoint but rather sampled randomly"). The validation part is `val_fraction` of the training part.
-    """
+def check_split(fold: int, n_folds: int, test_fraction: float, val_fraction: float) -> None:
     if not 0 <= fold < n_folds:
         raise DataError(f"data.fold={fold} is outside 0..{n_folds - 1}")
     if not (0 < test_fraction < 1 and 0 <= val_fraction < 1):
         raise DataError(f"need 0 < data.test_fraction < 1 and 0 <= data.val_fraction < 1, "
                         f"got {test_fraction} and {val_fraction}")
+
+
+def split_ratings(n_ratings: int, fold: int, n_folds: int = 5, test_fraction: float = 0.2,
+                  val_fraction: float = 0.05, seed: int = 0) -> Split:
+    """Fold `fold` of `n_folds` independent random splits, as in the study (sec. 4.1: "the test sets are
+    not disjoint but rather sampled randomly"). The validation part is `val_fraction` of the training part.
+    """
+    check_split(fold, n_folds, test_fraction, val_fraction)
     order = np.random.default_rng([seed, fold]).permutation(n_ratings)
     n_test = round(test_fraction * n_ratings)
     n_val = round(val_fraction * (n_ratings - n_test))
@@ -327,7 +330,7 @@ class ShuffledBatches(torch.utils.data.Sampler[list[int]]):
 
 
 class _RowBatches(torch.utils.data.Dataset):
-    """Indexed by a list of row numbers (from a BatchSampler): one vectorised CSR slice per batch."""
+    """Indexed by a list of row numbers (from ShuffledBatches): one vectorised CSR slice per batch."""
 
     def __init__(self, matrix: sp.csr_matrix):
         self.matrix = matrix
@@ -339,17 +342,23 @@ class _RowBatches(torch.utils.data.Dataset):
         return SparseRows.from_csr(self.matrix, np.asarray(rows))
 
 
+def rating_means(matrix: sp.csr_matrix, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """The mean stored rating of each column (axis=0) or row (axis=1), the global mean where there is
+    none, and how many ratings each has."""
+    owner = matrix.indices if axis == 0 else np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    size = matrix.shape[1 - axis]
+    counts = np.bincount(owner, minlength=size)
+    sums = np.bincount(owner, matrix.data, minlength=size)
+    return np.divide(sums, counts, out=np.full(size, matrix.data.mean()), where=counts > 0), counts
+
+
 def fallback_predictions(inputs: sp.csr_matrix, targets: sp.csr_matrix) -> np.ndarray:
     """For each held-out rating (in `targets`' CSR order): NaN if the model can predict it, else a
     fallback. A rating whose row has no input ratings gets its column's mean, one whose column has no
     input ratings gets its row's mean, and one with neither gets the global mean."""
     global_mean = inputs.data.mean()
-    row_n = np.diff(inputs.indptr)
-    col_n = np.bincount(inputs.indices, minlength=inputs.shape[1])
-    row_sum = np.asarray(inputs.sum(1)).ravel()
-    row_mean = np.divide(row_sum, row_n, out=np.full(len(row_n), global_mean), where=row_n > 0)
-    col_mean = np.divide(np.bincount(inputs.indices, inputs.data, minlength=inputs.shape[1]), col_n,
-                         out=np.full(len(col_n), global_mean), where=col_n > 0)
+    row_mean, row_n = rating_means(inputs, axis=1)
+    col_mean, col_n = rating_means(inputs, axis=0)
     t = targets.tocoo()
     row_ok, col_ok = row_n[t.row] > 0, col_n[t.col] > 0
     fallback = np.where(row_ok, row_mean[t.row], col_mean[t.col])  # a usable side's mean...
@@ -389,16 +398,16 @@ class MovieLensDataModule(L.LightningDataModule):
         self.spec = dataset_spec(dataset)
         if orientation not in ("item", "user"):
             raise DataError(f"data.orientation={orientation!r}: expected 'item' or 'user'")
-        if not 0 <= fold < n_folds:
-            raise DataError(f"data.fold={fold} is outside 0..{n_folds - 1}")
+        check_split(fold, n_folds, test_fraction, val_fraction)  # bad settings fail here, not at setup
         self.dataset, self.root, self.download = dataset, root, download
         self.min_item_ratings, self.orientation = min_item_ratings, orientation
         self.fold, self.n_folds, self.test_fraction, self.val_fraction = fold, n_folds, test_fraction, val_fraction
         self.seed, self.batch_size, self.eval_batch_size = seed, batch_size, eval_batch_size
+        self.given: tuple[Ratings, str] | None = None  # (ratings, name) for a module over ratings in memory
         self.prepared = False
 
     def prepare_data(self) -> None:
-        if not getattr(self, "given", None):  # ratings given in memory need no files
+        if self.given is None:  # ratings given in memory need no files
             locate_ratings(self.dataset, self.root, self.download)
 
     @classmethod
@@ -411,7 +420,7 @@ class MovieLensDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.prepared:
             return
-        if getattr(self, "given", None):
+        if self.given is not None:
             ratings, source = self.given
             checksum = hashlib.sha256(np.stack([ratings.users, ratings.items]).tobytes()).hexdigest()
         else:
@@ -420,11 +429,10 @@ class MovieLensDataModule(L.LightningDataModule):
             ratings = read_ratings(path, spec.separator, spec.header, spec.rating_min, spec.rating_max)
             source, checksum = str(path), file_digest(path)
         rm = build_matrix(ratings, self.min_item_ratings, source=source)
-        self.checksum = checksum
-        self.stats = {**rm.stats, "sha256": self.checksum, "file": source}
+        self.stats = {**rm.stats, "sha256": checksum, "file": source}
         log.info("%s: %d users, %d items, %d ratings (dropped %d items / %d ratings with < %d ratings), sha256 %s",
                  source, *(rm.stats[k] for k in ("n_users", "n_items", "n_ratings", "dropped_items",
-                                                 "dropped_ratings")), self.min_item_ratings, self.checksum[:12])
+                                                 "dropped_ratings")), self.min_item_ratings, checksum[:12])
 
         m = rm.matrix.tocoo()
         rows, cols = (m.row, m.col) if self.orientation == "user" else (m.col, m.row)
@@ -441,7 +449,6 @@ class MovieLensDataModule(L.LightningDataModule):
         self.val_matrix = part(split.val)
         self.test_matrix = part(split.test)
         self.train_val_matrix = part(split.train, split.val)
-        self.global_mean = float(self.train_matrix.data.mean())
         self.prepared = True
 
     @property

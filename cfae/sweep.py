@@ -22,6 +22,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import math
 import os
 import random
 import tempfile
@@ -97,7 +98,8 @@ class CfaeOptunaSweeperImpl(OptunaSweeperImpl):
             self.sampler = functools.partial(optuna.samplers.GridSampler, seed=seed)
             grid = {name: d.choices for name, d in distributions.items()}
             self.n_trials = min(self.n_trials, self._grid_points_left(grid))
-            log.info("discrete space: grid of %d points, %d left to run", _grid_size(grid), self.n_trials)
+            log.info("discrete space: grid of %d points, %d left to run",
+                     math.prod(len(c) for c in grid.values()), self.n_trials)
         Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)  # even when no trial is left
         self._create_study_once()
         self.parent_run_id = self._start_parent_run() if self.track else None
@@ -147,12 +149,12 @@ class CfaeOptunaSweeperImpl(OptunaSweeperImpl):
 
     def _grid_points_left(self, grid: dict[str, list]) -> int:
         """Grid points not yet finished in this study (a resumed sweep does not repeat them)."""
+        points = set(itertools.product(*grid.values()))
         try:
             study = self._load_study()
         except KeyError:  # a new study
-            return _grid_size(grid)
+            return len(points)
         done = {tuple(t.params.get(k) for k in grid) for t in study.get_trials(deepcopy=False, states=FINISHED)}
-        points = set(itertools.product(*grid.values()))
         return len(points - done)
 
     def _start_parent_run(self) -> str:
@@ -160,10 +162,6 @@ class CfaeOptunaSweeperImpl(OptunaSweeperImpl):
         run = client.create_run(experiment_id, run_name=f"sweep-{self.study_name}",
                                 tags={"cfae.sweep": self.study_name, "optuna.storage": str(self.storage)})
         return run.info.run_id
-
-
-def _grid_size(grid: dict[str, list]) -> int:
-    return functools.reduce(lambda n, c: n * len(c), grid.values(), 1)
 
 
 @contextlib.contextmanager

@@ -110,7 +110,7 @@ class RatingModel(L.LightningModule):
         self,
         n_inputs: int,  # width of a row (the number of columns)
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,  # None: a closed-form fit
-        n_rows: int | None = None,  # number of rows, for models with per-row parameters
+        n_rows: int | None = None,  # number of rows: only models with per-row parameters use it
         weight_decay: float = 0.0,  # L2 on weight matrices only (not on biases or norm scales)
         rating_min: float = 1.0,
         rating_max: float = 5.0,
@@ -119,8 +119,7 @@ class RatingModel(L.LightningModule):
         super().__init__()
         if output_path not in ("auto", "sparse", "dense"):
             raise ValueError(f"output_path={output_path!r}: expected 'auto', 'sparse' or 'dense'")
-        self.n_inputs, self.n_rows, self.weight_decay = n_inputs, n_rows, weight_decay
-        self.output_path = output_path
+        self.weight_decay, self.output_path = weight_decay, output_path
         self.output_function: nn.Module = nn.Identity()  # f in r_hat = f(V h + c); models may set their own
         self.optimizer_factory = optimizer
         self.val_rmse = MaskedRMSE(rating_min, rating_max)

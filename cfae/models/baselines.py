@@ -17,7 +17,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator, svds
 from torch import Tensor, nn
 
-from cfae.data import SparseRows
+from cfae.data import SparseRows, rating_means
 from cfae.models.base import RatingModel
 
 
@@ -44,25 +44,26 @@ class MatrixFactorization(RatingModel):
         p = self.row_factors[x.rows]  # (batch, factors)
         return self.mean + self.row_bias[x.rows, None] + self.col_bias + p @ self.col_factors.T  # (batch, n_cols)
 
-    def predict_at(self, x: SparseRows, at: SparseRows) -> Tensor:
-        u, i = at.rows[at.row_index()], at.col  # (nnz,) each
-        return self.mean + self.row_bias[u] + self.col_bias[i] + (self.row_factors[u] * self.col_factors[i]).sum(-1)
-
-    def training_loss(self, batch: SparseRows) -> Tensor:
-        u, i = batch.rows[batch.row_index()], batch.col  # (nnz,) each: only the observed cells
+    def cells(self, at: SparseRows) -> tuple[Tensor, Tensor]:
+        """(nnz,) predictions at the cells of `at` and (nnz,) each cell's L2 penalty, from one gather."""
+        u, i = at.rows[at.row_index()], at.col
         p, q, bu, bi = self.row_factors[u], self.col_factors[i], self.row_bias[u], self.col_bias[i]
         penalty = p.square().sum(-1) + q.square().sum(-1) + bu.square() + bi.square()
-        return (self.predict_at(batch, batch) - batch.val).square().mean() + self.regularization * penalty.mean()
+        return self.mean + bu + bi + (p * q).sum(-1), penalty
+
+    def predict_at(self, x: SparseRows, at: SparseRows) -> Tensor:
+        return self.cells(at)[0]
+
+    def training_loss(self, batch: SparseRows) -> Tensor:
+        pred, penalty = self.cells(batch)  # only the observed cells
+        return (pred - batch.val).square().mean() + self.regularization * penalty.mean()
 
 
 def imputed_svd(ratings: sp.csr_matrix, n_factors: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """Rank-k SVD of `ratings` with every missing cell set to the mean of its row (axis=1) or column
     (axis=0), without building the dense matrix: it is (sparse residual) + (rank-1 means), applied as a
     linear operator. Returns (row factors U * s, column factors V)."""
-    counts = np.asarray((ratings != 0).sum(axis)).ravel()
-    sums = np.asarray(ratings.sum(axis)).ravel()
-    global_mean = ratings.data.mean()
-    means = np.divide(sums, counts, out=np.full(len(sums), global_mean), where=counts > 0)
+    means, _ = rating_means(ratings, axis)
     coo = ratings.tocoo()
     owner = coo.col if axis == 0 else coo.row
     residual = sp.csr_matrix((coo.data - means[owner], (coo.row, coo.col)), shape=ratings.shape)

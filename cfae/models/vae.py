@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from cfae.data import SparseRows
-from cfae.models.base import RatingModel, SparseLinear, activation
+from cfae.models.base import RatingModel, SparseLinear, activation, corrupt
 
 
 class VAE(RatingModel):
@@ -50,8 +50,8 @@ class VAE(RatingModel):
         return self.beta_max * min(1.0, step / max(1, self.anneal_steps))
 
     def encode(self, x: SparseRows | Tensor) -> tuple[Tensor, Tensor]:
-        if self.training and self.input_dropout and isinstance(x, SparseRows):
-            x = x._replace(val=nn.functional.dropout(x.val, self.input_dropout))
+        if self.training and isinstance(x, SparseRows):
+            x = corrupt(x, self.input_dropout)
         h = x
         for layer in self.encoder:
             h = self.hidden_activation(layer(h))  # (batch, hidden)
