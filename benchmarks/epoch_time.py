@@ -4,8 +4,10 @@
 
 Each model trains on ML-1M fold 0, item rows, batch 256, Adam lr 1e-3, with the masked loss: cfae through
 Lightning with its config's optimizer (Adam with `fused=True`), the reference as the textbook loop that
-holds the whole items x users matrix dense and multiplies it as is, with torch's default Adam. A third
-figure, the reference with fused Adam, shows how much of the gap is the optimizer. Reported: the median
+holds the whole items x users matrix dense and multiplies it as is, in float32, with torch's default Adam.
+cfae runs at its default precision (`conf/trainer/default.yaml`: bf16 mixed precision on a CPU with AMX
+tiles, else float32). Two more references show where the gap comes from: the dense loop with fused Adam,
+and with fused Adam under bf16 autocast (cfae's optimizer and precision). Reported: the median
 epoch after one warm-up epoch. The last line starts with AutoRec's
 `cfae_s_per_epoch=X dense_s_per_epoch=Y ratio=X/Y`, then the same ratios for the other models.
 """
@@ -23,6 +25,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from cfae import _precision
 from cfae.data import MovieLensDataModule
 from cfae.models import VAE, AutoRec, DeepAutoencoder
 from cfae.train import EpochTimer
@@ -55,7 +58,7 @@ def reference(name: str, n_cols: int) -> tuple[nn.Module, callable]:
     return net, loss
 
 
-def dense_epochs(name: str, matrix, epochs: int, fused: bool) -> list[float]:
+def dense_epochs(name: str, matrix, epochs: int, fused: bool, bf16: bool = False) -> list[float]:
     x_all = torch.from_numpy(matrix.toarray())  # (n_rows, n_cols) dense
     net, loss_fn = reference(name, x_all.shape[1])
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=fused)
@@ -64,7 +67,8 @@ def dense_epochs(name: str, matrix, epochs: int, fused: bool) -> list[float]:
         start = time.perf_counter()
         for rows in torch.randperm(len(x_all)).split(256):
             x = x_all[rows]  # (batch, n_cols)
-            loss = loss_fn(x, x > 0)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(x, x > 0)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -82,10 +86,11 @@ def cfae_model(name: str, n_cols: int, output_path: str) -> L.LightningModule:
     return VAE(n_inputs=n_cols, layer_sizes=[500, 200], **common)
 
 
-def cfae_epochs(name: str, dm: MovieLensDataModule, epochs: int, output_path: str) -> list[float]:
+def cfae_epochs(name: str, dm: MovieLensDataModule, epochs: int, output_path: str, precision: str) -> list[float]:
     timer = EpochTimer()
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer], accelerator="cpu")
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer], accelerator="cpu",
+                        precision=precision)
     trainer.fit(cfae_model(name, dm.n_cols, output_path), datamodule=dm)
     return timer.times
 
@@ -95,27 +100,30 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--models", default="autorec,deep,vae")
     parser.add_argument("--output-path", default="auto", choices=["auto", "sparse", "dense"])
+    parser.add_argument("--precision", default=_precision("cpu"), help="cfae's; default: conf/trainer's choice")
     args = parser.parse_args()
     logging.getLogger("lightning").setLevel(logging.ERROR)
     root = os.environ.get("CFAE_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
     dm = MovieLensDataModule(dataset="ml1m", root=root, orientation="item", batch_size=256)
     dm.setup()
     print(f"ml1m: {dm.train_matrix.shape[0]} item rows x {dm.n_cols} users, {dm.train_matrix.nnz} training "
-          f"ratings; torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"ratings; torch {torch.__version__}, {torch.get_num_threads()} threads; cfae precision {args.precision}")
     figures = []
     for name in args.models.split(","):
         torch.manual_seed(0)
         runs = {"dense": dense_epochs(name, dm.train_matrix, args.epochs, fused=False),
                 "dense+fused": dense_epochs(name, dm.train_matrix, args.epochs, fused=True),
-                "cfae": cfae_epochs(name, dm, args.epochs, args.output_path)}
+                "dense+fused+bf16": dense_epochs(name, dm.train_matrix, args.epochs, fused=True, bf16=True),
+                "cfae": cfae_epochs(name, dm, args.epochs, args.output_path, args.precision)}
         medians = {k: statistics.median(v[1:]) for k, v in runs.items()}
         for kind, times in runs.items():
-            print(f"{name:>8} {kind:>11}: " + " ".join(f"{t:.3f}" for t in times) + " s per epoch")
+            print(f"{name:>8} {kind:>16}: " + " ".join(f"{t:.3f}" for t in times) + " s per epoch")
         prefix = "" if name == "autorec" else f"{name}_"
         figures.append(f"{prefix}cfae_s_per_epoch={medians['cfae']:.3f} {prefix}dense_s_per_epoch="
                        f"{medians['dense']:.3f} {prefix}ratio={medians['cfae'] / medians['dense']:.3f}")
         print(f"{name:>8}: cfae / dense {medians['cfae'] / medians['dense']:.3f}, "
-              f"cfae / dense with fused Adam {medians['cfae'] / medians['dense+fused']:.3f}")
+              f"cfae / dense with fused Adam {medians['cfae'] / medians['dense+fused']:.3f}, "
+              f"cfae / dense with fused Adam and bf16 {medians['cfae'] / medians['dense+fused+bf16']:.3f}")
     print(" ".join(figures))
 
 

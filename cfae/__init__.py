@@ -1,5 +1,6 @@
 """cfae: autoencoders for collaborative filtering."""
 
+import torch
 from omegaconf import OmegaConf
 
 __version__ = "0.1.0"
@@ -13,6 +14,17 @@ def _layers(hidden: int | None, depth: int | None, *default: int) -> list[int]:
     return [hidden if hidden is not None else default[-1]] * (depth if depth is not None else len(default))
 
 
+def _precision(accelerator: str = "auto") -> str:
+    """Lightning's `precision` for the hardware: bf16 mixed precision (weights, optimizer state and loss in
+    float32, matrix products in bfloat16) where the chip multiplies bfloat16 natively (CUDA GPUs that
+    support it, CPUs with AMX tiles), else float32. On the 2-core AMX CPU this project is developed on, an
+    ML-1M AutoRec epoch goes from 0.45 s to 0.33 s and fold 0's test RMSE from 0.8425 to 0.8424."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if accelerator in ("auto", "cpu") and torch.cpu._is_amx_tile_supported() else "32-true"
+
+
 # `${or:${noise},0.2}`: a knob's value, or the model's default while the knob is null.
 OmegaConf.register_new_resolver("or", lambda value, default: default if value is None else value, replace=True)
 OmegaConf.register_new_resolver("layers", _layers, replace=True)
+OmegaConf.register_new_resolver("precision", _precision, replace=True)

@@ -90,3 +90,27 @@ def test_train_py_bad_fold_is_a_clear_error(data_root, tmp_path):
     done = cli(tmp_path, "data.fold=7", "logger=none", env_extra={"CFAE_DATA_DIR": str(data_root)})
     assert done.returncode != 0
     assert "data.fold=7 is outside 0..4" in done.stderr
+
+
+@pytest.mark.parametrize(("cuda", "cuda_bf16", "amx", "accelerator", "expected"), [
+    (False, False, True, "auto", "bf16-mixed"),  # a CPU that multiplies bfloat16 natively
+    (False, False, False, "auto", "32-true"),  # one that would emulate it
+    (False, False, True, "gpu", "32-true"),  # asked for a GPU that is not there: Lightning will say so
+    (True, True, False, "auto", "bf16-mixed"),
+    (True, False, True, "auto", "32-true"),  # a GPU without bfloat16 (V100) wins over the CPU
+    (True, True, True, "cpu", "bf16-mixed"),
+])
+def test_precision_follows_the_hardware(monkeypatch, cuda, cuda_bf16, amx, accelerator, expected):
+    import torch
+
+    from cfae import _precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert _precision(accelerator) == expected
+
+
+def test_the_trainer_logs_the_precision_it_ran_at(trained):
+    _, _, run, _ = trained
+    assert run.data.params["trainer/precision"] in ("bf16-mixed", "32-true")
