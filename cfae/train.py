@@ -11,9 +11,10 @@ import optuna
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from cfae.ranking import evaluate_ranking
 from cfae.sweep import OptunaPruning
 from cfae.tracking import git_commit
 
@@ -52,6 +53,8 @@ def start_run(cfg: DictConfig, datamodule, output_dir: Path):
     sweep, name = cfg.get("sweep") or {}, model_name(cfg)
     run_name = f"{name}-{cfg.data.dataset}-{cfg.data.orientation}-fold{cfg.data.fold}"
     tags = {**(cfg.logger.get("tags") or {}), "cfae.model": name}
+    if cfg.get("row"):
+        tags["cfae.row"] = cfg.row
     if sweep.get("trial") is not None:
         run_name = f"{run_name}-trial{sweep.trial}"
         tags.update({"optuna.study": sweep.study, "optuna.trial": str(sweep.trial)})
@@ -83,12 +86,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # The one place where the data shapes the model: its width, its number of rows and the rating scale.
     rating_min, rating_max = datamodule.rating_range
     model = instantiate(cfg.model, n_inputs=datamodule.n_cols, n_rows=datamodule.n_rows, rating_min=rating_min,
-                        rating_max=rating_max, optimizer=instantiate(cfg.optimizer))
+                        rating_max=rating_max, optimizer=instantiate(cfg.optimizer),
+                        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None)
     logger = start_run(cfg, datamodule, output_dir)
 
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor="val/rmse",
                                  mode="min", save_top_k=1, save_last=True)
     callbacks = [checkpoint, EarlyStopping(monitor="val/rmse", mode="min", patience=cfg.patience), EpochTimer()]
+    if cfg.get("scheduler") and logger:
+        callbacks.append(LearningRateMonitor("epoch"))  # the schedule, epoch by epoch, in MLflow
     sweep = cfg.get("sweep") or {}
     pruning = None
     if sweep.get("trial") is not None:  # report every epoch; with no pruner that only records the curve
@@ -112,8 +118,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     else:
         test = trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
         metrics["test/rmse"] = float(test["test/rmse"])
+        if cfg.get("ranking"):  # on the best checkpoint, which trainer.test has loaded into the model
+            ranking = evaluate_ranking(model, datamodule, **cfg.ranking)
+            metrics.update({f"test/{k}": v for k, v in (ranking or {}).items()})
     if logger:
-        logger.log_metrics({k: metrics[k] for k in (OBJECTIVE, "time/fit_s", "epochs")})
+        logger.log_metrics({k: v for k, v in metrics.items() if k != "test/rmse"})
         if pruning is not None:
             logger.experiment.set_tag(logger.run_id, "optuna.state", "PRUNED" if pruned else "COMPLETE")
         if not pruned:

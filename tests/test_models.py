@@ -116,3 +116,19 @@ def test_auto_output_path_goes_sparse_only_for_outputs_too_big_to_hold_and_force
     assert not AutoRec(n_inputs=9, output_path="dense", optimizer=torch.optim.Adam).sparse_output(wide)
     with pytest.raises(ValueError, match="output_path='fast'"):
         AutoRec(n_inputs=9, output_path="fast", optimizer=torch.optim.Adam)
+
+
+def test_plateau_scheduler_cuts_the_learning_rate_when_validation_stalls(data_root):
+    dm = MovieLensDataModule(root=str(data_root), download=False, batch_size=16)
+    dm.setup()
+    final_lr = {}
+    for name, scheduler in [("none", None), ("plateau", functools.partial(
+            torch.optim.lr_scheduler.ReduceLROnPlateau, mode="min", factor=0.5, patience=0))]:
+        L.seed_everything(0)
+        model = AutoRec(n_inputs=dm.n_cols, hidden_size=64, optimizer=functools.partial(torch.optim.Adam, lr=0.02),
+                        scheduler=scheduler)
+        trainer = L.Trainer(max_epochs=15, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(model, datamodule=dm)  # no weight decay, lr 0.02: validation stalls within 15 epochs
+        final_lr[name] = trainer.optimizers[0].param_groups[0]["lr"]
+    assert final_lr["none"] == 0.02 and final_lr["plateau"] <= 0.01

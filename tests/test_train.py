@@ -39,8 +39,11 @@ def test_mlflow_run_carries_metrics_params_and_provenance(trained):
     metrics, client, run, _ = trained
     assert run.info.status == "FINISHED" and run.info.run_name == "autorec-ml1m-item-fold1"
     m = run.data.metrics
-    for key in ("train/loss", "val/rmse", "val/rmse_best", "test/rmse", "time/fit_s", "time/epoch_s"):
+    for key in ("train/loss", "val/rmse", "val/rmse_best", "test/rmse", "time/fit_s", "time/epoch_s",
+                "test/recall_at_10", "test/ndcg_at_10"):
         assert key in m, key
+    assert 0 < m["test/recall_at_10"] <= 1 and 0 < m["test/ndcg_at_10"] <= 1
+    assert m["test/ranking_users"] > 250  # of the 300 synthetic users, those with a held-out rating >= 4
     assert m["test/rmse"] == pytest.approx(metrics["test/rmse"])
     history = client.get_metric_history(run.info.run_id, "val/rmse")
     assert len(history) == 4  # one per epoch

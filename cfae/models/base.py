@@ -110,6 +110,7 @@ class RatingModel(L.LightningModule):
         self,
         n_inputs: int,  # width of a row (the number of columns)
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,  # None: a closed-form fit
+        scheduler: Callable[..., torch.optim.lr_scheduler.ReduceLROnPlateau] | None = None,  # on val/rmse
         n_rows: int | None = None,  # number of rows: only models with per-row parameters use it
         weight_decay: float = 0.0,  # L2 on weight matrices only (not on biases or norm scales)
         rating_min: float = 1.0,
@@ -121,7 +122,7 @@ class RatingModel(L.LightningModule):
             raise ValueError(f"output_path={output_path!r}: expected 'auto', 'sparse' or 'dense'")
         self.weight_decay, self.output_path = weight_decay, output_path
         self.output_function: nn.Module = nn.Identity()  # f in r_hat = f(V h + c); models may set their own
-        self.optimizer_factory = optimizer
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.val_rmse = MaskedRMSE(rating_min, rating_max)
         self.test_rmse = MaskedRMSE(rating_min, rating_max)
         self.val_rmse_best = MinMetric()
@@ -201,10 +202,14 @@ class RatingModel(L.LightningModule):
         self.test_rmse.update(self.predict_held_out(batch), batch.targets.val)
         self.log("test/rmse", self.test_rmse, on_epoch=True, batch_size=len(batch.targets.val))
 
-    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+    def configure_optimizers(self):
         if self.optimizer_factory is None:
             return None
         decay = [p for p in self.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.parameters() if p.ndim < 2]
-        return self.optimizer_factory(params=[{"params": decay, "weight_decay": self.weight_decay},
-                                              {"params": no_decay, "weight_decay": 0.0}])
+        optimizer = self.optimizer_factory(params=[{"params": decay, "weight_decay": self.weight_decay},
+                                                   {"params": no_decay, "weight_decay": 0.0}])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = {"scheduler": self.scheduler_factory(optimizer), "monitor": "val/rmse", "interval": "epoch"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -1,0 +1,238 @@
+"""python -m cfae.report: the study's table and figures 3-8, from its runs in MLflow.
+
+    python -m cfae.report                      # the study `study` (conf/study.yaml) -> reports/
+    python -m cfae.report --study quick --out reports/quick
+
+Reads the FINISHED runs tagged `cfae.study=<name>` (written by `python -m cfae.study`), and writes
+`<out>/<name>.md` and `<name>.csv` (per protocol and row: test RMSE mean +- 95% CI over folds with the t
+distribution, training time mean +- CI, epochs, Recall@10 and NDCG@10) and `<out>/fig3_*.png` ...
+`fig8_*.png`; then logs them all as artifacts of one MLflow run tagged `cfae.report=<name>`.
+Nothing is typed in by hand: a figure whose runs are missing is reported as missing, not drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from scipy import stats
+
+from cfae.tracking import mlflow_client
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+log = logging.getLogger("cfae.report")
+
+METRICS = ["test/rmse", "time/fit_s", "epochs", "test/recall_at_10", "test/ndcg_at_10", "val/rmse_best"]
+LABELS = {  # the study's names for its rows (sec. 5), then ours
+    "autorec": "Single hidden layer AE (AutoRec, 500)",
+    "deep": "Deep AE 300,500,750",
+    "denoising": "Single hidden layer denoising AE",
+    "deep_bn": "Batch-normalised deep AE 500,700",
+    "vae": "VAE 500,200",
+    "svd": "SVD, item-mean imputed (the study's baseline)",
+    "bias": "Global mean + biases",
+    "mf": "Biased MF",
+    "autorec_tuned": "AutoRec, tuned on validation",
+    "deep_500_700": "Deep AE 500,700 (no batch norm)",
+    "deep_refeed": "Deep AE 300,500,750 + dense re-feeding",
+}
+
+
+def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width of its t-distribution confidence interval (NaN with fewer than 2 values)."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return float(x.mean()) if len(x) else math.nan, math.nan
+    return float(x.mean()), float(stats.t.ppf((1 + confidence) / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def load_runs(client, experiment_id: str, study: str) -> list[dict]:
+    """One record per key (the latest FINISHED run): its tags, fold, metrics and run id."""
+    runs = client.search_runs([experiment_id], f"tags.`cfae.study` = '{study}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time ASC"], max_results=50_000)
+    latest = {}
+    for r in runs:
+        t, p = r.data.tags, r.data.params
+        latest[t["cfae.key"]] = {
+            "run_id": r.info.run_id, "key": t["cfae.key"], "row": t.get("cfae.row"), "figure": t.get("cfae.figure"),
+            "protocol": t.get("cfae.protocol"), "fold": int(p.get("data/fold", -1)), "params": p,
+            **{m: r.data.metrics.get(m, math.nan) for m in METRICS}}
+    return list(latest.values())
+
+
+def table(records: list[dict]) -> list[dict]:
+    """Per protocol and row (the figures' extra runs excluded): means and CIs over the folds."""
+    groups = defaultdict(list)
+    for r in records:
+        if not r["figure"]:
+            groups[(r["protocol"], r["row"])].append(r)
+    order = list(LABELS)
+    out = []
+    for (protocol, row), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1])
+                                                                        if kv[0][1] in order else 99)):
+        line = {"protocol": protocol, "row": row, "model": LABELS.get(row, row), "folds": len(rs)}
+        for m, name in [("test/rmse", "rmse"), ("time/fit_s", "time_s"), ("epochs", "epochs"),
+                        ("test/recall_at_10", "recall_at_10"), ("test/ndcg_at_10", "ndcg_at_10")]:
+            line[name], line[f"{name}_ci"] = mean_ci([r[m] for r in rs])
+        out.append(line)
+    return out
+
+
+def markdown(rows: list[dict], study: str) -> str:
+    def pm(mean, ci, digits):
+        return f"{mean:.{digits}f}" + ("" if math.isnan(ci) else f" ± {ci:.{digits}f}")
+
+    lines = [f"# Study `{study}`: test RMSE on the 1..5 scale, mean ± 95% CI over folds (t distribution)", ""]
+    for protocol in dict.fromkeys(r["protocol"] for r in rows):
+        lines += [f"## Protocol {protocol.replace('-', ':')}", "",
+                  "| model | row | folds | test RMSE | training time (s) | epochs | Recall@10 | NDCG@10 |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in (r for r in rows if r["protocol"] == protocol):
+            lines.append(f"| {r['model']} | `{r['row']}` | {r['folds']} | {pm(r['rmse'], r['rmse_ci'], 4)} | "
+                         f"{pm(r['time_s'], r['time_s_ci'], 1)} | {r['epochs']:.0f} | "
+                         f"{pm(r['recall_at_10'], r['recall_at_10_ci'], 4)} | "
+                         f"{pm(r['ndcg_at_10'], r['ndcg_at_10_ci'], 4)} |")
+        lines.append("")
+    lines += ["Recall@10 and NDCG@10: per user, every item not rated in the training and validation parts is "
+              "ranked; relevant = held-out ratings >= 4 (cfae/ranking.py). Training time: fit wall time on "
+              "the machine that ran the study, validation included.", ""]
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# -- figures ---------------------------------------------------------------------------------------------
+def knob_figure(records: list[dict], figure: str, param: str, xlabel: str, title: str, path: Path) -> bool:
+    """Test RMSE against a knob's value (mean and 95% CI over the figure's folds)."""
+    points = defaultdict(list)
+    for r in records:
+        if r["figure"] == figure:
+            points[float(r["params"][param])].append(r["test/rmse"])
+    if not points:
+        return False
+    xs = sorted(points)
+    means, cis = zip(*(mean_ci(points[x]) for x in xs))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.errorbar(xs, means, yerr=[0 if math.isnan(c) else c for c in cis], marker="o", capsize=3)
+    for x, m in zip(xs, means):
+        ax.annotate(f"{m:.4f}", (x, m), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    folds = sorted({r["fold"] for r in records if r["figure"] == figure})
+    ax.set(xlabel=xlabel, ylabel="test RMSE (1..5 scale)", title=f"{title}\n(fold{'s' * (len(folds) > 1)} "
+           f"{','.join(map(str, folds))})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def curves_figure(client, arms: list[tuple[str, dict | None]], title: str, path: Path) -> bool:
+    """Validation RMSE per epoch of each arm's run, its test RMSE in the legend."""
+    arms = [(label, r) for label, r in arms if r is not None]
+    if len(arms) < 1:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for label, r in arms:
+        history = sorted(client.get_metric_history(r["run_id"], "val/rmse"), key=lambda m: (m.step, m.timestamp))
+        ax.plot(range(1, len(history) + 1), [m.value for m in history],
+                label=f"{label}: test {r['test/rmse']:.4f}")
+    ax.set(xlabel="epoch", ylabel="validation RMSE (1..5 scale)", title=f"{title} (fold {arms[0][1]['fold']})")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def figures(client, records: list[dict], out: Path) -> dict[str, bool]:
+    protocols = [r["protocol"] for r in records if r["figure"]]
+    protocol = protocols[0] if protocols else None
+    figure_folds = sorted({r["fold"] for r in records if r["figure"]}) or [0]
+
+    def row_run(row: str) -> dict | None:  # a table row's run on the figures' first fold
+        return next((r for r in records if r["row"] == row and not r["figure"] and r["protocol"] == protocol
+                     and r["fold"] == figure_folds[0]), None)
+
+    def figure_run(figure: str) -> dict | None:
+        return next((r for r in records if r["figure"] == figure and r["fold"] == figure_folds[0]), None)
+
+    return {
+        "fig3_latent_size.png": knob_figure(records, "fig3_latent_size", "model/hidden_size", "latent size",
+                                            "Fig. 3: single hidden layer AE", out / "fig3_latent_size.png"),
+        "fig4_denoising.png": knob_figure(records, "fig4_denoising", "model/input_dropout",
+                                          "input dropout (denoising level)", "Fig. 4: denoising AE",
+                                          out / "fig4_denoising.png"),
+        "fig5_deep.png": curves_figure(client, [("AutoRec 500", row_run("autorec")),
+                                                ("deep 300,500,750", row_run("deep"))],
+                                       "Fig. 5: deep vs shallow", out / "fig5_deep.png"),
+        "fig6_refeeding.png": curves_figure(client, [("deep 300,500,750", row_run("deep")),
+                                                     ("+ dense re-feeding", figure_run("fig6_refeeding"))],
+                                            "Fig. 6: dense re-feeding", out / "fig6_refeeding.png"),
+        "fig7_batch_norm.png": curves_figure(client, [("deep 500,700", figure_run("fig7_batch_norm")),
+                                                      ("+ batch norm", row_run("deep_bn"))],
+                                             "Fig. 7: batch normalisation", out / "fig7_batch_norm.png"),
+        "fig8_vae.png": curves_figure(client, [("VAE 500,200", row_run("vae")), ("AutoRec 500", row_run("autorec"))],
+                                      "Fig. 8: variational AE", out / "fig8_vae.png"),
+    }
+
+
+def report(study: str = "study", out: str | Path = "reports", uri: str | None = None,
+           experiment_name: str = "cfae", log_to_mlflow: bool = True) -> dict:
+    """Write the study's table (Markdown, CSV) and figures to `out`; returns what was written."""
+    client, experiment_id = mlflow_client(uri, experiment_name)
+    records = load_runs(client, experiment_id, study)
+    if not records:
+        raise SystemExit(f"no finished runs of study {study!r} in {client.tracking_uri}: run python -m cfae.study")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = table(records)
+    drawn = figures(client, records, out)
+    missing = [name for name, ok in drawn.items() if not ok]
+    text = markdown(rows, study)
+    text += "\n".join(f"![{name}]({name})" for name, ok in drawn.items() if ok) + "\n"
+    if missing:
+        text += f"\nMissing figures (their runs are not in the store): {', '.join(missing)}\n"
+    (out / f"{study}.md").write_text(text)
+    write_csv(rows, out / f"{study}.csv")
+    files = [out / f"{study}.md", out / f"{study}.csv", *(out / n for n, ok in drawn.items() if ok)]
+    if log_to_mlflow:
+        run = client.create_run(experiment_id, run_name=f"report-{study}", tags={"cfae.report": study})
+        for f in files:
+            client.log_artifact(run.info.run_id, str(f))
+        for r in rows:
+            client.log_metric(run.info.run_id, f"{r['protocol']}/{r['row']}/test_rmse", r["rmse"])
+        client.set_terminated(run.info.run_id)
+    log.info("study %r: %d runs, %d table rows, figures %d/6 -> %s", study, len(records), len(rows),
+             len(drawn) - len(missing), out)
+    return {"rows": rows, "files": files, "missing": missing}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", default="study")
+    parser.add_argument("--out", default="reports")
+    parser.add_argument("--uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or mlruns/mlflow.db)")
+    parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    result = report(args.study, args.out, args.uri, log_to_mlflow=not args.no_mlflow)
+    print((Path(args.out) / f"{args.study}.md").read_text())
+    return 1 if result["missing"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""python -m cfae.study: the whole study in one command, every row on every fold and the figures' runs.
+
+    python -m cfae.study                                   # conf/study.yaml on ML-1M
+    python -m cfae.study --name quick data=ml100k trainer.max_epochs=2 --folds 0,1
+    python -m cfae.study --dry-run                         # list the runs and what is already done
+
+Each run is what `python train.py +experiment=<row> data.fold=<k> <overrides>` would do, run in this
+process, and becomes an MLflow run tagged `cfae.study=<name>`, `cfae.key=<what it is>` (for example
+`deep/80-20/fold3` or `fig3_latent_size/fold0/hidden=300`), `cfae.protocol` and `cfae.figure`. A key that
+already has a FINISHED run in the study is skipped, so a study that dies resumes where it stopped; a run
+that fails is recorded (FAILED, with its error) and the study goes on. `python -m cfae.report` renders it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from cfae.tracking import mlflow_client
+from cfae.train import train
+
+log = logging.getLogger("cfae.study")
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@dataclass
+class Run:
+    key: str  # unique within a study
+    experiment: str  # conf/experiment/<experiment>.yaml
+    overrides: list[str]
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def plan(study: DictConfig, folds: list[int] | None = None) -> list[Run]:
+    """Every run of the study, fold by fold for the table (fold 0's rows first: a partial study already
+    has a whole row set), then the figures' runs, then the other protocols."""
+    folds = folds if folds is not None else list(study.folds)
+    runs = []
+    for i, (protocol, spec) in enumerate(study.protocols.items()):
+        for fold in folds:
+            for row in spec.get("rows") or study.rows:
+                runs.append(Run(f"{row}/{protocol}/fold{fold}", row, [*spec.overrides, f"data.fold={fold}"],
+                                {"cfae.protocol": protocol}))
+        if i == 0:  # the figures use the study's own protocol, the first
+            figure_folds = [f for f in study.figure_folds if f in folds]
+            runs += figure_runs(study, figure_folds, list(spec.overrides), protocol)
+    return runs
+
+
+def figure_runs(study: DictConfig, folds: list[int], overrides: list[str], protocol: str) -> list[Run]:
+    runs = []
+    for figure, spec in study.figures.items():
+        values = spec.get("values") or [None]
+        for fold in folds:
+            for value in values:
+                knob = [f"{spec.knob}={value}"] if value is not None else []
+                key = f"{figure}/fold{fold}" + (f"/{spec.knob}={value}" if value is not None else "")
+                runs.append(Run(key, spec.experiment, [*overrides, f"data.fold={fold}", *knob],
+                                {"cfae.protocol": protocol, "cfae.figure": figure}))
+    return runs
+
+
+def compose_run(run: Run, name: str, overrides: list[str], output_root: Path) -> DictConfig:
+    """The run's training config, as train.py would compose it, with the study's tags on its logger. The
+    run's own overrides (fold, protocol, the figure's knob) come last: they win over the study-wide ones."""
+    output_dir = output_root / run.key.replace("=", "-")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"+experiment={run.experiment}", *overrides, *run.overrides,
+                                          f"output_dir={output_dir}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # the model= choice names the run, as under train.py
+    with open_dict(cfg):
+        del cfg["hydra"]
+        if not cfg.get("logger"):
+            raise SystemExit("the study records its runs in MLflow: drop logger=none")
+        cfg.logger.tags = {**(cfg.logger.get("tags") or {}), **run.tags, "cfae.study": name, "cfae.key": run.key}
+    return cfg
+
+
+def finished_keys(name: str, uri: str | None, experiment_name: str) -> set[str]:
+    client, experiment_id = mlflow_client(uri, experiment_name)
+    runs = client.search_runs([experiment_id], f"tags.`cfae.study` = '{name}' and attributes.status = 'FINISHED'",
+                              max_results=50_000)
+    return {r.data.tags["cfae.key"] for r in runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. data=ml100k")
+    parser.add_argument("--config", default=str(CONF / "study.yaml"), help="the study's plan")
+    parser.add_argument("--name", help="the study's name in MLflow (default: the plan's)")
+    parser.add_argument("--folds", help="comma-separated folds (default: the plan's)")
+    parser.add_argument("--output-dir", default="outputs/study", help="checkpoints and configs, per run")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    study = OmegaConf.load(args.config)
+    name = args.name or study.name
+    runs = plan(study, [int(f) for f in args.folds.split(",")] if args.folds else None)
+    probe = compose_run(runs[0], name, args.overrides, Path(args.output_dir) / name)
+    done = finished_keys(name, probe.logger.uri, probe.logger.experiment_name)
+    todo = [r for r in runs if r.key not in done]
+    log.info("study %r: %d runs, %d already finished, %d to run", name, len(runs), len(runs) - len(todo), len(todo))
+    if args.dry_run:
+        for r in runs:
+            print(f"{'done' if r.key in done else 'todo'}  {r.key}  +experiment={r.experiment} {' '.join(r.overrides)}")
+        return 0
+    failed, start = [], time.perf_counter()
+    for i, run in enumerate(todo, 1):
+        elapsed = time.perf_counter() - start
+        eta = f", about {elapsed / (i - 1) * (len(todo) - i + 1) / 60:.0f} min left" if i > 1 else ""
+        log.info("[%d/%d] %s (%.0f min so far%s)", i, len(todo), run.key, elapsed / 60, eta)
+        try:
+            train(compose_run(run, name, args.overrides, Path(args.output_dir) / name))
+        except Exception as err:  # recorded as FAILED in MLflow by train(); the study goes on
+            log.error("%s failed: %s: %s", run.key, type(err).__name__, err)
+            failed.append(run.key)
+    log.info("study %r: %d runs in %.1f min, %d failed%s", name, len(todo), (time.perf_counter() - start) / 60,
+             len(failed), f": {', '.join(failed)}" if failed else "")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

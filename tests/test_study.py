@@ -1,0 +1,101 @@
+"""The study runner and the report, on small synthetic data, so neither can rot."""
+
+import csv
+import math
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cfae import report, study
+from cfae.report import mean_ci
+
+MINI_PLAN = """
+name: mini
+folds: [0, 1]
+rows: [autorec, deep, deep_bn, vae, svd]
+protocols:
+  "80-20": {overrides: []}
+  "90-10": {overrides: [data.test_fraction=0.1], rows: [autorec]}
+figure_folds: [0]
+figures:
+  fig3_latent_size: {experiment: autorec, knob: hidden, values: [8, 32]}
+  fig4_denoising: {experiment: denoising, knob: noise, values: [0.0, 0.3]}
+  fig6_refeeding: {experiment: deep_refeed}
+  fig7_batch_norm: {experiment: deep_500_700}
+"""
+
+
+def test_mean_ci_uses_the_t_distribution():
+    mean, ci = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and ci == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)  # t(0.975, 2 dof) = 4.3027
+    assert math.isnan(mean_ci([0.9])[1])  # one fold: no interval, not a zero-width one
+
+
+def overrides(data_root, tmp_path):
+    return [f"data.root={data_root}", "data.download=false", "data.batch_size=32", "trainer.max_epochs=2",
+            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "hidden=16", "depth=2",
+            f"logger.uri=sqlite:///{tmp_path}/mlruns/mlflow.db"]
+
+
+@pytest.fixture(scope="module")
+def mini_study(data_root, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("study")
+    (tmp_path / "plan.yaml").write_text(MINI_PLAN)
+    argv = ["--config", str(tmp_path / "plan.yaml"), "--output-dir", str(tmp_path / "out"), "--",
+            *overrides(data_root, tmp_path)]
+    assert study.main(argv) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    return tmp_path, argv, client
+
+
+def test_the_study_runs_every_row_on_every_fold_with_tags(mini_study):
+    tmp_path, _, client = mini_study
+    runs = client.search_runs([client.get_experiment_by_name("cfae").experiment_id], "tags.`cfae.study` = 'mini'")
+    keys = {r.data.tags["cfae.key"] for r in runs}
+    assert len(runs) == len(keys) == 5 * 2 + 2 + 2 + 2 + 1 + 1  # rows x folds, 90:10, the figures' runs
+    assert {"autorec/80-20/fold1", "svd/80-20/fold0", "autorec/90-10/fold1", "fig3_latent_size/fold0/hidden=8",
+            "fig6_refeeding/fold0"} <= keys
+    by_key = {r.data.tags["cfae.key"]: r for r in runs}
+    assert by_key["autorec/90-10/fold0"].data.params["data/test_fraction"] == "0.1"
+    assert by_key["fig3_latent_size/fold0/hidden=8"].data.params["model/hidden_size"] == "8"
+    assert by_key["deep_bn/80-20/fold1"].data.tags["cfae.row"] == "deep_bn"
+    assert by_key["deep_bn/80-20/fold1"].data.tags["cfae.model"] == "deep_bn"  # named as train.py would
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_a_study_run_again_resumes_and_runs_nothing_twice(mini_study):
+    tmp_path, argv, client = mini_study
+    experiment_id = client.get_experiment_by_name("cfae").experiment_id
+    before = len(client.search_runs([experiment_id]))
+    assert study.main(argv) == 0
+    assert len(client.search_runs([experiment_id])) == before
+
+
+def test_the_report_has_every_row_with_intervals_and_all_six_figures(mini_study):
+    tmp_path, _, client = mini_study
+    out = tmp_path / "reports"
+    result = report.report("mini", out, uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert result["missing"] == []
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert [p[:4] for p in pngs] == ["fig3", "fig4", "fig5", "fig6", "fig7", "fig8"]
+    assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    with (out / "mini.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["protocol"], r["row"]) for r in rows} == {("80-20", m) for m in ["autorec", "deep", "deep_bn", "vae",
+                                                                                "svd"]} | {("90-10", "autorec")}
+    for r in rows:
+        assert r["folds"] == "2" and 0.3 < float(r["rmse"]) <= 4 and float(r["rmse_ci"]) >= 0
+        assert 0 <= float(r["recall_at_10"]) <= 1
+    text = (out / "mini.md").read_text()
+    assert "± " in text and "VAE 500,200" in text and "![fig8_vae.png](fig8_vae.png)" in text
+    (logged,) = client.search_runs([client.get_experiment_by_name("cfae").experiment_id], "tags.`cfae.report` = 'mini'")
+    names = {a.path for a in client.list_artifacts(logged.info.run_id)}
+    assert {"mini.md", "mini.csv", "fig3_latent_size.png", "fig8_vae.png"} <= names
+
+
+def test_the_report_says_so_when_a_figure_has_no_runs(mini_study, tmp_path):
+    src, _, _ = mini_study
+    result = report.report("mini", tmp_path, uri=f"sqlite:///{src}/mlruns/mlflow.db", log_to_mlflow=False)
+    assert result["missing"] == []  # sanity: all there; an unknown study is an error, not an empty report
+    with pytest.raises(SystemExit, match="no finished runs"):
+        report.report("nonesuch", tmp_path, uri=f"sqlite:///{src}/mlruns/mlflow.db", log_to_mlflow=False)
