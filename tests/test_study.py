@@ -99,3 +99,16 @@ def test_the_report_says_so_when_a_figure_has_no_runs(mini_study, tmp_path):
     assert result["missing"] == []  # sanity: all there; an unknown study is an error, not an empty report
     with pytest.raises(SystemExit, match="no finished runs"):
         report.report("nonesuch", tmp_path, uri=f"sqlite:///{src}/mlruns/mlflow.db", log_to_mlflow=False)
+
+
+@pytest.mark.slow
+def test_the_real_plan_runs_quickly_with_two_epochs_and_reports_every_row(data_root, tmp_path):
+    """conf/study.yaml itself, every row and figure, folds 0 and 1, two epochs: the quick variant."""
+    assert study.main(["--name", "quick", "--folds", "0,1", "--output-dir", str(tmp_path / "out"), "--",
+                       *overrides(data_root, tmp_path)]) == 0
+    result = report.report("quick", tmp_path / "reports", uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert result["missing"] == []
+    rows = {(r["protocol"], r["row"]): r for r in result["rows"]}
+    plan = study.OmegaConf.load(study.CONF / "study.yaml")
+    assert set(rows) == {("80-20", r) for r in plan.rows} | {("90-10", r) for r in plan.protocols["90-10"].rows}
+    assert all(r["folds"] == 2 and not math.isnan(r["rmse_ci"]) for r in rows.values())
