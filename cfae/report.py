@@ -140,15 +140,18 @@ def knob_figure(records: list[dict], figure: str, param: str, xlabel: str, title
 
 
 def curves_figure(client, arms: list[tuple[str, dict | None]], title: str, path: Path) -> bool:
-    """Validation RMSE per epoch of each arm's run, its test RMSE in the legend."""
-    arms = [(label, r) for label, r in arms if r is not None]
-    if len(arms) < 1:
+    """Validation RMSE per epoch of each arm's run, its test RMSE in the legend (not drawn, False, if an
+    arm's run is missing)."""
+    if any(r is None for _, r in arms):
         return False
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    lowest = math.inf
     for label, r in arms:
         history = sorted(client.get_metric_history(r["run_id"], "val/rmse"), key=lambda m: (m.step, m.timestamp))
-        ax.plot(range(1, len(history) + 1), [m.value for m in history],
-                label=f"{label}: test {r['test/rmse']:.4f}")
+        values = [m.value for m in history]
+        lowest = min(lowest, *values)
+        ax.plot(range(1, len(values) + 1), values, label=f"{label}: test {r['test/rmse']:.4f}")
+    ax.set_ylim(lowest - 0.01, lowest * 1.12)  # the first epochs' high values would flatten the rest
     ax.set(xlabel="epoch", ylabel="validation RMSE (1..5 scale)", title=f"{title} (fold {arms[0][1]['fold']})")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -159,8 +162,8 @@ def curves_figure(client, arms: list[tuple[str, dict | None]], title: str, path:
 
 
 def figures(client, records: list[dict], out: Path) -> dict[str, bool]:
-    protocols = [r["protocol"] for r in records if r["figure"]]
-    protocol = protocols[0] if protocols else None
+    # the figures' protocol and first fold: those of the figure runs, else the table's first
+    protocol = next((r["protocol"] for r in records if r["figure"]), records[0]["protocol"])
     figure_folds = sorted({r["fold"] for r in records if r["figure"]}) or [0]
 
     def row_run(row: str) -> dict | None:  # a table row's run on the figures' first fold
