@@ -2,7 +2,8 @@
 
     CFAE_DATA_DIR=../shared/data python benchmarks/scaling.py [--sets ml100k,ml1m,syn5m,syn20m]
 
-AutoRec (latent 500, item rows, batch 256, Adam as configured) trains two epochs on each set, the second
+AutoRec (latent 500, item rows, batch 256, fused Adam, cfae's default precision: bf16 mixed on a CPU with
+AMX tiles, else float32) trains two epochs on each set, the second
 timed, validation off, each set in its own process so that its peak resident memory is its own. The
 synthetic sets have ML-20M's shape (138,493 users x 26,744 items) and a planted low-rank structure. Last
 line: `<set>_s=` seconds per epoch, `<set>_gb=` peak memory, and `syn20m_over_20x_ml1m=`, the 20M-rating
@@ -25,17 +26,18 @@ ML20M_SHAPE = (138_493, 26_744)
 SYNTHETIC = {"syn5m": 5_000_000, "syn20m": 20_000_000}
 
 
-def one(name: str) -> dict:
+def one(name: str, batch_size: int) -> dict:
     import lightning as L
     import torch
 
+    from cfae import _precision
     from cfae.data import MovieLensDataModule
     from cfae.models import AutoRec
     from cfae.synthetic import planted_ratings
     from cfae.train import EpochTimer
 
     logging.getLogger("lightning").setLevel(logging.ERROR)
-    common = {"orientation": "item", "batch_size": 256, "min_item_ratings": 1 if name in SYNTHETIC else 10}
+    common = {"orientation": "item", "batch_size": batch_size, "min_item_ratings": 1 if name in SYNTHETIC else 10}
     if name in SYNTHETIC:
         users, items = ML20M_SHAPE
         ratings = planted_ratings(users, items, density=SYNTHETIC[name] / (users * items), seed=0)
@@ -48,7 +50,8 @@ def one(name: str) -> dict:
     model = AutoRec(n_inputs=dm.n_cols, hidden_size=500,
                     optimizer=lambda params: torch.optim.Adam(params, lr=1e-3, fused=True))
     trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer], accelerator="cpu")
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer], accelerator="cpu",
+                        precision=_precision("cpu"))
     trainer.fit(model, datamodule=dm)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
     return {"set": name, "ratings": int(dm.train_matrix.nnz), "rows": dm.n_rows, "cols": dm.n_cols,
@@ -58,14 +61,17 @@ def one(name: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", default="ml100k,ml1m,syn5m,syn20m")
+    parser.add_argument("--batch-size", type=int, default=256, help="rows per batch")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one)))
+        print(json.dumps(one(args.one, args.batch_size)))
         return
     results = {}
+    print(f"AutoRec latent 500, item rows, batch {args.batch_size}")
     for name in args.sets.split(","):
-        done = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True)
+        command = [sys.executable, __file__, "--one", name, "--batch-size", str(args.batch_size)]
+        done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{name}: failed\n{done.stderr[-2000:]}")
             continue
