@@ -46,6 +46,8 @@ def ranking_metrics(scores: np.ndarray, seen: sp.csr_matrix, held_out: sp.csr_ma
                     threshold: float = 4.0, chunk: int = 1024) -> dict[str, float]:
     """Recall@k and NDCG@k averaged over users; every argument is users x items (`seen`: the ratings the
     model was given, excluded from the ranking; `held_out`: the test ratings)."""
+    if k >= scores.shape[1]:
+        raise ValueError(f"ranking.k={k} needs more than {k} items; there are {scores.shape[1]}")
     relevant = held_out.multiply(held_out >= threshold).tocsr()
     relevant.eliminate_zeros()
     users = np.flatnonzero(np.diff(relevant.indptr))
