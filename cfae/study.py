@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cfae.tracking import mlflow_client
@@ -74,8 +73,8 @@ def compose_run(run: Run, name: str, overrides: list[str], output_root: Path) ->
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[f"+experiment={run.experiment}", *overrides, *run.overrides,
                                           f"output_dir={output_dir}"], return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # the model= choice names the run, as under train.py
     with open_dict(cfg):
+        cfg.model_name = cfg.hydra.runtime.choices.model  # names the run, as Hydra's record does under train.py
         del cfg["hydra"]
         if not cfg.get("logger"):
             raise SystemExit("the study records its runs in MLflow: drop logger=none")

@@ -39,7 +39,10 @@ class EpochTimer(Callback):
 
 
 def model_name(cfg: DictConfig) -> str:
-    """The `model=` choice (autorec, denoising, ...); the class name outside a Hydra run."""
+    """The `model=` choice (autorec, denoising, ...): `cfg.model_name` where a caller composed the config
+    itself (cfae.study), else Hydra's record of the choice, else the class name."""
+    if cfg.get("model_name"):
+        return cfg.model_name
     if HydraConfig.initialized():
         return HydraConfig.get().runtime.choices["model"]
     return cfg.model._target_.rsplit(".", 1)[-1].lower()
