@@ -28,3 +28,21 @@ def test_an_oracle_scores_one_and_reversed_scores_score_zero():
     assert ranking_metrics(oracle, seen, held_out, k=3)["recall_at_3"] == pytest.approx(1.0)
     worst = ranking_metrics(-oracle, seen, held_out, k=3)  # unrated items outnumber k for every user here
     assert worst["recall_at_3"] == 0 and worst["ndcg_at_3"] == 0
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_scores_of_a_model_with_per_row_parameters_use_each_rows_own_parameters(chunk):
+    """Chunking must not renumber rows: chunk 7 of 30 rows once scored rows 7.. with rows 0..'s factors."""
+    import torch
+
+    from cfae.models.baselines import MatrixFactorization
+    from cfae.ranking import score_matrix
+
+    torch.manual_seed(0)
+    inputs = sp.random(30, 12, density=0.3, format="csr", random_state=0, dtype=np.float32)
+    model = MatrixFactorization(n_inputs=12, n_rows=30, n_factors=3)
+    for p in model.parameters():
+        p.data.normal_()
+    expected = (model.mean + model.row_bias[:, None] + model.col_bias + model.row_factors @ model.col_factors.T)
+    np.testing.assert_allclose(score_matrix(model, inputs, chunk=chunk), expected.detach().numpy(), rtol=1e-5,
+                               atol=1e-5)
