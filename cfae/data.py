@@ -296,6 +296,10 @@ class SparseRows(NamedTuple):
         rows = torch.arange(self.n_rows, device=self.crow.device)
         return torch.repeat_interleave(rows, self.crow.diff(), output_size=len(self.col))
 
+    def cells(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nnz,) each: the matrix row and the column of each stored entry."""
+        return self.rows[self.row_index()], self.col
+
     def to_dense(self) -> torch.Tensor:
         dense = torch.zeros(self.n_rows, self.n_cols, device=self.val.device)  # (batch, n_cols)
         dense[self.row_index(), self.col] = self.val

@@ -23,7 +23,7 @@ import matplotlib
 import numpy as np
 from scipy import stats
 
-from cfae.tracking import mlflow_client
+from cfae.tracking import finished_study_runs, mlflow_client
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -56,10 +56,8 @@ def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float
 
 def load_runs(client, experiment_id: str, study: str) -> list[dict]:
     """One record per key (the latest FINISHED run): its tags, fold, metrics and run id."""
-    runs = client.search_runs([experiment_id], f"tags.`cfae.study` = '{study}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time ASC"], max_results=50_000)
     latest = {}
-    for r in runs:
+    for r in finished_study_runs(client, experiment_id, study):  # oldest first: a re-run replaces its key
         t, p = r.data.tags, r.data.params
         latest[t["cfae.key"]] = {
             "run_id": r.info.run_id, "key": t["cfae.key"], "row": t.get("cfae.row"), "figure": t.get("cfae.figure"),
@@ -75,9 +73,13 @@ def table(records: list[dict]) -> list[dict]:
         if not r["figure"]:
             groups[(r["protocol"], r["row"])].append(r)
     order = list(LABELS)
+
+    def position(key: tuple[str, str]) -> tuple[str, int]:  # by protocol, then in the study's row order
+        protocol, row = key
+        return protocol, order.index(row) if row in order else len(order)
+
     out = []
-    for (protocol, row), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1])
-                                                                        if kv[0][1] in order else 99)):
+    for (protocol, row), rs in sorted(groups.items(), key=lambda kv: position(kv[0])):
         line = {"protocol": protocol, "row": row, "model": LABELS.get(row, row), "folds": len(rs)}
         for m, name in [("test/rmse", "rmse"), ("time/fit_s", "time_s"), ("epochs", "epochs"),
                         ("test/recall_at_10", "recall_at_10"), ("test/ndcg_at_10", "ndcg_at_10")]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cfae.tracking import mlflow_client
+from cfae.tracking import finished_study_runs, mlflow_client
 from cfae.train import train
 
 log = logging.getLogger("cfae.study")
@@ -59,9 +59,9 @@ def figure_runs(study: DictConfig, folds: list[int], overrides: list[str], proto
         values = spec.get("values") or [None]
         for fold in folds:
             for value in values:
-                knob = [f"{spec.knob}={value}"] if value is not None else []
-                key = f"{figure}/fold{fold}" + (f"/{spec.knob}={value}" if value is not None else "")
-                runs.append(Run(key, spec.experiment, [*overrides, f"data.fold={fold}", *knob],
+                setting = [f"{spec.knob}={value}"] if value is not None else []
+                runs.append(Run("/".join([figure, f"fold{fold}", *setting]), spec.experiment,
+                                [*overrides, f"data.fold={fold}", *setting],
                                 {"cfae.protocol": protocol, "cfae.figure": figure}))
     return runs
 
@@ -84,9 +84,7 @@ def compose_run(run: Run, name: str, overrides: list[str], output_root: Path) ->
 
 def finished_keys(name: str, uri: str | None, experiment_name: str) -> set[str]:
     client, experiment_id = mlflow_client(uri, experiment_name)
-    runs = client.search_runs([experiment_id], f"tags.`cfae.study` = '{name}' and attributes.status = 'FINISHED'",
-                              max_results=50_000)
-    return {r.data.tags["cfae.key"] for r in runs}
+    return {r.data.tags["cfae.key"] for r in finished_study_runs(client, experiment_id, name)}
 
 
 def main(argv: list[str] | None = None) -> int:

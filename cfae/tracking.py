@@ -44,6 +44,12 @@ def mlflow_client(uri: str | None = None, experiment_name: str = "cfae") -> tupl
     return client, client.create_experiment(experiment_name, artifact_location=artifact_location(uri))
 
 
+def finished_study_runs(client: MlflowClient, experiment_id: str, study: str) -> list:
+    """The FINISHED runs of `python -m cfae.study` run under the name `study`, oldest first."""
+    return client.search_runs([experiment_id], f"tags.`cfae.study` = '{study}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time ASC"], max_results=50_000)
+
+
 def git_commit() -> str:
     """The commit of the cfae checkout, with '-dirty' if it has uncommitted changes; 'unknown' outside git."""
     here = Path(__file__).resolve().parent

@@ -46,7 +46,7 @@ class MatrixFactorization(RatingModel):
 
     def cells(self, at: SparseRows) -> tuple[Tensor, Tensor]:
         """(nnz,) predictions at the cells of `at` and (nnz,) each cell's L2 penalty, from one gather."""
-        u, i = at.rows[at.row_index()], at.col
+        u, i = at.cells()
         p, q, bu, bi = self.row_factors[u], self.col_factors[i], self.row_bias[u], self.col_bias[i]
         penalty = p.square().sum(-1) + q.square().sum(-1) + bu.square() + bi.square()
         return self.mean + bu + bi + (p * q).sum(-1), penalty
@@ -110,5 +110,5 @@ class ImputedSVD(RatingModel):
         return self.row_factors[x.rows] @ self.col_factors.T  # (batch, n_cols)
 
     def predict_at(self, x: SparseRows, at: SparseRows) -> Tensor:
-        u, i = at.rows[at.row_index()], at.col
+        u, i = at.cells()
         return (self.row_factors[u] * self.col_factors[i]).sum(-1)
