@@ -74,7 +74,7 @@ def compose_run(run: Run, name: str, overrides: list[str], output_root: Path) ->
         cfg = compose("train", overrides=[f"+experiment={run.experiment}", *overrides, *run.overrides,
                                           f"output_dir={output_dir}"], return_hydra_config=True)
     with open_dict(cfg):
-        cfg.model_name = cfg.hydra.runtime.choices.model  # names the run, as Hydra's record does under train.py
+        cfg.choices = {group: cfg.hydra.runtime.choices.get(group) for group in ("model", "experiment")}
         del cfg["hydra"]
         if not cfg.get("logger"):
             raise SystemExit("the study records its runs in MLflow: drop logger=none")

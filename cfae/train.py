@@ -38,14 +38,18 @@ class EpochTimer(Callback):
         pl_module.log("time/epoch_s", self.times[-1])
 
 
+def choice(cfg: DictConfig, group: str) -> str | None:
+    """What a config group was set to (`model=vae`: "vae", `+experiment=deep_bn`: "deep_bn"): Hydra's
+    record of the choices, under train.py and sweep.py, or `cfg.choices` where a caller composed the config
+    itself (cfae.study); None if the group was not chosen or nobody recorded it."""
+    if cfg.get("choices"):
+        return cfg.choices.get(group)
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+
+
 def model_name(cfg: DictConfig) -> str:
-    """The `model=` choice (autorec, denoising, ...): `cfg.model_name` where a caller composed the config
-    itself (cfae.study), else Hydra's record of the choice, else the class name."""
-    if cfg.get("model_name"):
-        return cfg.model_name
-    if HydraConfig.initialized():
-        return HydraConfig.get().runtime.choices["model"]
-    return cfg.model._target_.rsplit(".", 1)[-1].lower()
+    """The `model=` choice (autorec, denoising, ...), else the class name."""
+    return choice(cfg, "model") or cfg.model._target_.rsplit(".", 1)[-1].lower()
 
 
 def start_run(cfg: DictConfig, datamodule, output_dir: Path):
@@ -56,8 +60,8 @@ def start_run(cfg: DictConfig, datamodule, output_dir: Path):
     sweep, name = cfg.get("sweep") or {}, model_name(cfg)
     run_name = f"{name}-{cfg.data.dataset}-{cfg.data.orientation}-fold{cfg.data.fold}"
     tags = {**(cfg.logger.get("tags") or {}), "cfae.model": name}
-    if cfg.get("row"):
-        tags["cfae.row"] = cfg.row
+    if choice(cfg, "experiment"):  # a row of the study (conf/experiment/)
+        tags["cfae.row"] = choice(cfg, "experiment")
     if sweep.get("trial") is not None:
         run_name = f"{run_name}-trial{sweep.trial}"
         tags.update({"optuna.study": sweep.study, "optuna.trial": str(sweep.trial)})

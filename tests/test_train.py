@@ -89,6 +89,16 @@ def test_train_py_runs_end_to_end_and_tracks_into_mlruns(data_root, tmp_path):
     assert "test/rmse=" in done.stderr + done.stdout
 
 
+def test_an_experiment_run_from_train_py_is_tagged_with_its_row_and_model(data_root, tmp_path):
+    done = cli(tmp_path, "+experiment=deep_bn", "trainer.max_epochs=2", "hidden=16", "trainer.accelerator=cpu",
+               env_extra={"CFAE_DATA_DIR": str(data_root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("cfae").experiment_id])
+    assert run.data.tags["cfae.row"] == "deep_bn" and run.data.tags["cfae.model"] == "deep_bn"
+    assert run.data.params["model/batch_norm"] == "True"
+
+
 def test_train_py_bad_fold_is_a_clear_error(data_root, tmp_path):
     done = cli(tmp_path, "data.fold=7", "logger=none", env_extra={"CFAE_DATA_DIR": str(data_root)})
     assert done.returncode != 0
