@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +38,26 @@ class EpochTimer(Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.times.append(time.perf_counter() - self.start)
         pl_module.log("time/epoch_s", self.times[-1])
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc serve large blocks from its heap and keep freed ones for reuse.
+
+    By default glibc maps every block above 32 MB afresh and unmaps it when freed, so each new large
+    tensor (a 138k x 500 weight gradient at ML-20M's size: 277 MB, every step) pays the kernel for zeroed
+    pages: allocating one took 55 ms, 16 ms with this setting, and an AutoRec step on 20M ratings went from
+    283 to 189 ms. The price: memory freed during training stays with the process for reuse. Linux with
+    glibc only (the role jemalloc or tcmalloc play in PyTorch's CPU tuning guides); returns whether it
+    took effect.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, ...)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 2**31 - 1)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def choice(cfg: DictConfig, group: str) -> str | None:
@@ -85,6 +107,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     its Optuna trial each epoch, and stops early without a test if the pruner says so.
     """
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("keep_freed_memory", True):
+        keep_freed_memory()
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
     output_dir = Path(cfg.output_dir)

@@ -8,7 +8,7 @@ import torch
 
 from cfae.data import MovieLensDataModule, SparseRows
 from cfae.models import VAE, AutoRec, DeepAutoencoder
-from cfae.models.base import SparseLinear, masked_mse
+from cfae.models.base import SampledLinear, SparseLinear, SparseRowsTimesDense, masked_mse
 
 
 def random_rows(n_rows=6, n_cols=9, density=0.3, seed=0) -> SparseRows:
@@ -43,6 +43,50 @@ def test_weight_decay_applies_to_weight_matrices_only():
     decay, no_decay = model.configure_optimizers().param_groups
     assert decay["weight_decay"] == 0.1 and {p.ndim for p in decay["params"]} == {2}
     assert no_decay["weight_decay"] == 0.0 and {p.ndim for p in no_decay["params"]} == {1}
+
+
+def test_sparse_products_match_dense_ones_with_empty_rows_and_columns_and_every_gradient():
+    torch.manual_seed(0)
+    crow = torch.tensor([0, 2, 2, 5])  # row 1 is empty; columns 2 and 6 hold nothing
+    col = torch.tensor([0, 4, 1, 3, 5])
+    val = torch.tensor([5.0, 1.0, 3.0, 4.0, 2.0], requires_grad=True)
+    n_cols, width = 7, 4
+    weight = torch.randn(n_cols, width, requires_grad=True)  # encoder: (n_cols, out); decoder: (n_cols, hidden)
+    h = torch.randn(3, width, requires_grad=True)
+    bias = torch.randn(n_cols, requires_grad=True)
+    row = torch.tensor([0, 0, 2, 2, 2])
+
+    def dense_x():  # the same rows as a dense (3, n_cols) matrix, differentiable in val
+        return torch.zeros(3, n_cols).index_put((row, col), val)
+
+    for sparse, dense, inputs in [
+        (lambda: SparseRowsTimesDense.apply(crow, col, val, weight), lambda: dense_x() @ weight, (val, weight)),
+        (lambda: SampledLinear.apply(h, weight, bias, crow, col), lambda: (h @ weight.T + bias)[row, col],
+         (h, weight, bias)),
+    ]:
+        out_sparse, out_dense = sparse(), dense()
+        torch.testing.assert_close(out_sparse, out_dense)
+        probe = torch.randn_like(out_dense)
+        grads_sparse = torch.autograd.grad((out_sparse * probe).sum(), inputs)
+        grads_dense = torch.autograd.grad((out_dense * probe).sum(), inputs)
+        for g_sparse, g_dense in zip(grads_sparse, grads_dense):
+            torch.testing.assert_close(g_sparse, g_dense)
+    # empty columns get zero gradient rows, an empty row gets zero features
+    grad = torch.autograd.grad(SparseRowsTimesDense.apply(crow, col, val, weight).sum(), weight)[0]
+    assert grad[[2, 6]].abs().sum() == 0 and grad[[0, 4]].abs().sum() > 0
+    assert SparseRowsTimesDense.apply(crow, col, val, weight)[1].abs().sum() == 0
+
+
+def test_sparse_products_run_under_bf16_autocast_and_keep_float32_gradients():
+    torch.manual_seed(0)
+    model = DeepAutoencoder(n_inputs=9, layer_sizes=[5, 3], output_path="sparse", optimizer=torch.optim.Adam)
+    x = random_rows(n_rows=6, n_cols=9, density=0.4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.training_loss(x)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
+    assert model.encoder[0].weight.grad.abs().sum() > 0 and model.decoder[-1].weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "elu", "selu", "identity"])
@@ -106,12 +150,14 @@ def test_sparse_and_dense_output_paths_give_the_same_loss_and_gradients(make):
     torch.testing.assert_close(sparse.predict_at(x, x), dense(x)[x.row_index(), x.col])
 
 
-def test_auto_output_path_goes_sparse_only_for_outputs_too_big_to_hold_and_forced_paths_hold():
-    x = random_rows()
+def test_auto_output_path_goes_sparse_for_sparse_batches_or_outputs_too_big_to_hold_and_forced_paths_hold():
+    x = random_rows(density=0.3)
     auto = AutoRec(n_inputs=9, optimizer=torch.optim.Adam)
     assert not auto.sparse_output(x)
     wide = x._replace(n_cols=138_000, crow=torch.zeros(1025, dtype=torch.long))  # 1024 rows x 138k columns
     assert auto.sparse_output(wide)
+    sparse = random_rows(n_rows=20, n_cols=1000, density=0.005)  # 0.5% of the cells
+    assert auto.sparse_output(sparse) and not auto.sparse_output(random_rows(n_rows=20, n_cols=1000, density=0.02))
     assert AutoRec(n_inputs=9, output_path="sparse", optimizer=torch.optim.Adam).sparse_output(x)
     assert not AutoRec(n_inputs=9, output_path="dense", optimizer=torch.optim.Adam).sparse_output(wide)
     with pytest.raises(ValueError, match="output_path='fast'"):

@@ -38,7 +38,7 @@ class AutoRec(RatingModel):
         self.encoder = SparseLinear(n_inputs, hidden_size)  # W, b
         self.hidden_activation = activation(hidden_activation)  # g
         self.dropout = nn.Dropout(dropout)
-        self.decoder = SparseLinear(hidden_size, n_inputs)  # V, c
+        self.decoder = nn.Linear(hidden_size, n_inputs)  # V, c
         self.output_function = activation(output_activation)  # f
 
     def features(self, r: SparseRows | Tensor) -> Tensor:
@@ -47,4 +47,4 @@ class AutoRec(RatingModel):
         return self.dropout(self.hidden_activation(self.encoder(r)))  # h(r): (batch, hidden_size)
 
     def output_layer(self) -> tuple[Tensor, Tensor]:
-        return self.decoder.weight, self.decoder.bias  # V: (hidden_size, n_inputs), c
+        return self.decoder.weight, self.decoder.bias  # V: (n_inputs, hidden_size), c

@@ -2,9 +2,10 @@
 optimizer.
 
 An autoencoder builds its layers and defines `features(x)` (everything up to the output layer) and
-`output_layer()` (its weight and bias); the base composes them, densely (`forward`, every cell of a row)
-or only at the cells a loss or a metric needs (`predict_at`). It may override one hook more
-(`training_loss`). Models that are not autoencoders override `forward` and `predict_at` themselves.
+`output_layer()` (its weight, one row per output column as nn.Linear stores it, and bias); the base
+composes them, densely (`forward`, every cell of a row) or only at the cells a loss or a metric needs
+(`predict_at`). It may override one hook more (`training_loss`). Models that are not autoencoders
+override `forward` and `predict_at` themselves.
 """
 
 from __future__ import annotations
@@ -42,6 +43,43 @@ def activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
+def column_sums(rows: Tensor, crow: Tensor, col: Tensor, weights: Tensor, n_cols: int) -> Tensor:
+    """(n_cols, d): for each column c of a CSR pattern, the sum over its entries k of weights[k] times the
+    row of `rows` (batch, d) that entry k sits in; in matrix terms X^T @ rows, X the pattern holding
+    `weights`. The entries are regrouped by column and summed as embedding bags, one bag per column, so
+    the cost is the entries' plus writing the result (empty columns come out zero); torch's own backward of
+    embedding_bag sorts and scatters instead and took twice as long (benchmarks/epoch_time.py)."""
+    order = torch.argsort(col, stable=True)
+    offsets = torch.zeros(n_cols + 1, dtype=torch.int64, device=col.device)
+    torch.cumsum(torch.bincount(col, minlength=n_cols), 0, out=offsets[1:])
+    row = torch.repeat_interleave(torch.arange(len(crow) - 1, device=col.device), crow.diff(), output_size=len(col))
+    return F.embedding_bag(row[order], rows, offsets, per_sample_weights=weights[order].to(rows.dtype),
+                           mode="sum", include_last_offset=True)
+
+
+class SparseRowsTimesDense(torch.autograd.Function):
+    """X @ weight for X a batch of sparse rows (crow, col, val) and weight (n_cols, out): forward and
+    backward cost grows with X's entries. Forward sums the weight rows X selects (an embedding bag);
+    backward is X^T @ grad (`column_sums`), and X's values get a gradient only if they need one."""
+
+    @staticmethod
+    def forward(ctx, crow: Tensor, col: Tensor, val: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(crow, col, val, weight)
+        return F.embedding_bag(col, weight, crow, per_sample_weights=val.to(weight.dtype), mode="sum",
+                               include_last_offset=True)  # (batch, out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # grad: (batch, out)
+        crow, col, val, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype).contiguous()
+        grad_val = grad_weight = None
+        if ctx.needs_input_grad[2]:  # d/d val[k] = grad[row k] . weight[col k]
+            grad_val = SampledLinear.apply(grad, weight, torch.zeros_like(weight[:, 0]), crow, col).to(val.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_weight = column_sums(grad, crow, col, val, weight.shape[0])
+        return None, None, grad_val, grad_weight
+
+
 class SparseLinear(nn.Module):
     """`x @ weight + bias` for sparse input rows, at a cost that grows with the stored ratings.
 
@@ -57,8 +95,7 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: SparseRows | Tensor) -> Tensor:
         if isinstance(x, SparseRows):
-            return F.embedding_bag(x.col, self.weight, x.crow, per_sample_weights=x.val, mode="sum",
-                                   include_last_offset=True) + self.bias  # (batch, out_features)
+            return SparseRowsTimesDense.apply(x.crow, x.col, x.val, self.weight) + self.bias  # (batch, out)
         return x @ self.weight + self.bias
 
 
@@ -73,28 +110,38 @@ def corrupt(x: SparseRows, dropout: float = 0.0, gaussian: float = 0.0) -> Spars
 
 
 class SampledLinear(torch.autograd.Function):
-    """(h @ weight + bias) at the cells of a CSR pattern only, a sampled dense-dense product: forward and
-    backward cost grows with the number of cells, not with rows x columns.
+    """(h @ weight_t.T + bias) at the cells of a CSR pattern only, a sampled dense-dense product: forward
+    and backward cost grows with the number of cells, not with rows x columns.
 
-    h (batch, hidden), weight (hidden, n_cols), bias (n_cols,), the pattern (crow, col) -> (nnz,).
+    h (batch, hidden), weight_t (n_cols, hidden) (an output layer stored as nn.Linear stores its weight,
+    one row per output column), bias (n_cols,), the pattern (crow, col) -> (nnz,). Forward is torch's
+    sampled_addmm; backward is two embedding bags: each row's gradient sums the weight rows of its cells
+    (grad_h), each column's sums the h rows of its cells (`column_sums`). The row-per-column layout makes
+    all three read whole rows: with the weight stored (hidden, n_cols), sampled_addmm on a 138k-column
+    output took 182 ms instead of 21.
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, crow: Tensor, col: Tensor) -> Tensor:
-        shape = (h.shape[0], weight.shape[1])
-        pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(len(col), dtype=h.dtype, device=h.device), shape)
-        ctx.save_for_backward(h, weight, crow, col)
-        ctx.shape = shape
-        return torch.sparse.sampled_addmm(pattern, h, weight).values() + bias[col]
+    def forward(ctx, h: Tensor, weight_t: Tensor, bias: Tensor, crow: Tensor, col: Tensor) -> Tensor:
+        h = h.to(weight_t.dtype)
+        pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(len(col), dtype=h.dtype, device=h.device),
+                                          (h.shape[0], weight_t.shape[0]), check_invariants=False)
+        ctx.save_for_backward(h, weight_t, crow, col)
+        return torch.sparse.sampled_addmm(pattern, h, weight_t.T).values() + bias[col]
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # grad: (nnz,)
-        h, weight, crow, col = ctx.saved_tensors
-        g = torch.sparse_csr_tensor(crow, col, grad.contiguous(), ctx.shape)  # (batch, n_cols), sparse
-        grad_h = g @ weight.T if ctx.needs_input_grad[0] else None  # (batch, hidden)
-        grad_weight = (g.t() @ h).T if ctx.needs_input_grad[1] else None  # (hidden, n_cols)
-        grad_bias = torch.zeros(ctx.shape[1], dtype=grad.dtype, device=grad.device).index_add_(0, col, grad)
-        return grad_h, grad_weight, grad_bias, None, None
+        h, weight_t, crow, col = ctx.saved_tensors
+        grad = grad.to(weight_t.dtype).contiguous()
+        grad_h = grad_weight_t = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_h = F.embedding_bag(col, weight_t, crow, per_sample_weights=grad, mode="sum",
+                                     include_last_offset=True)  # (batch, hidden)
+        if ctx.needs_input_grad[1]:
+            grad_weight_t = column_sums(h, crow, col, grad, weight_t.shape[0])  # (n_cols, hidden)
+        if ctx.needs_input_grad[2]:
+            grad_bias = torch.zeros(weight_t.shape[0], dtype=grad.dtype, device=grad.device).index_add_(0, col, grad)
+        return grad_h, grad_weight_t, grad_bias, None, None
 
 
 def masked_mse(out: Tensor, target: SparseRows) -> Tensor:
@@ -133,22 +180,23 @@ class RatingModel(L.LightningModule):
         raise NotImplementedError
 
     def output_layer(self) -> tuple[Tensor, Tensor]:
-        """The output layer's weight (hidden, n_inputs) and bias (n_inputs,)."""
+        """The output layer's weight (n_inputs, hidden), stored as nn.Linear stores it, and bias (n_inputs,)."""
         raise NotImplementedError
 
     def forward(self, x: SparseRows | Tensor) -> Tensor:
         """(batch, n_inputs): predictions for every cell of the rows of x."""
-        weight, bias = self.output_layer()
-        return self.output_function(self.features(x) @ weight + bias)
+        return self.output_function(F.linear(self.features(x), *self.output_layer()))
 
     def sparse_output(self, at: SparseRows) -> bool:
-        """Whether to compute outputs only at the cells of `at`. `auto` picks the dense product unless the
-        batch's dense output would pass 256 MB: measured on a 2-core CPU, MKL's dense product reuses each
-        weight column across the batch and beats the sampled product whenever a batch touches most
-        columns anyway (ML-1M: 0.41 s against 0.56 s per AutoRec epoch; benchmarks/epoch_time.py)."""
+        """Whether to compute outputs only at the cells of `at`. `auto` goes sparse when the cells are under
+        1% of the batch's rows x columns, or when the dense output would pass 256 MB. Measured on a 2-core
+        AMX CPU (AutoRec 500, batch 256, benchmarks/epoch_time.py, scaling.py): at ML-1M's 4.5% the dense
+        product wins (bf16 tiles reuse each weight column across the batch; 17 against 23 ms a step), at
+        0.4% (20M ratings of ML-20M's shape) the sampled one does (186 against 290 ms a step)."""
         if self.output_path != "auto":
             return self.output_path == "sparse"
-        return at.n_rows * at.n_cols * 4 > 256 * 2**20
+        cells = at.n_rows * at.n_cols
+        return len(at.col) < 0.01 * cells or cells * 4 > 256 * 2**20
 
     def output_at(self, h: Tensor, at: SparseRows) -> Tensor:
         """(at nnz,) the output layer applied to features h, at the cells of `at` only."""
@@ -156,7 +204,7 @@ class RatingModel(L.LightningModule):
         if self.sparse_output(at):
             z = SampledLinear.apply(h, weight, bias, at.crow, at.col)
         else:
-            z = (h @ weight + bias)[at.row_index(), at.col]
+            z = F.linear(h, weight, bias)[at.row_index(), at.col]
         return self.output_function(z)
 
     def predict_at(self, x: SparseRows, at: SparseRows) -> Tensor:

@@ -54,7 +54,8 @@ class DeepAutoencoder(RatingModel):
         if tied:  # decoder layer i multiplies by encoder[-1 - i].weight.T; only its bias is its own
             self.decoder_bias = nn.ParameterList(nn.Parameter(torch.zeros(b)) for b in mirror[1:])
         else:
-            self.decoder = nn.ModuleList(SparseLinear(a, b) for a, b in zip(mirror[:-1], mirror[1:]))
+            self.decoder = nn.ModuleList([*(SparseLinear(a, b) for a, b in zip(mirror[:-2], mirror[1:-1])),
+                                          nn.Linear(mirror[-2], n_inputs)])  # the output layer: see output_layer
         norm = nn.BatchNorm1d if batch_norm else (lambda size: nn.Identity())
         self.encoder_norms = nn.ModuleList(norm(b) for b in sizes[1:])
         self.decoder_norms = nn.ModuleList(norm(b) for b in mirror[1:-1])  # not on the output
@@ -80,7 +81,7 @@ class DeepAutoencoder(RatingModel):
 
     def output_layer(self) -> tuple[Tensor, Tensor]:
         if self.tied:
-            return self.encoder[0].weight.T, self.decoder_bias[-1]
+            return self.encoder[0].weight, self.decoder_bias[-1]  # (n_inputs, layer_sizes[0])
         return self.decoder[-1].weight, self.decoder[-1].bias
 
     def training_loss(self, batch: SparseRows) -> Tensor:

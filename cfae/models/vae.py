@@ -15,6 +15,7 @@ better than the full ELBO). Evaluation decodes the mean code mu, without samplin
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cfae.data import SparseRows
@@ -40,7 +41,8 @@ class VAE(RatingModel):
         self.encoder = nn.ModuleList(SparseLinear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         self.to_code = SparseLinear(sizes[-1], 2 * code)  # mu and logvar
         mirror = [code, *hidden[::-1], n_inputs]
-        self.decoder = nn.ModuleList(SparseLinear(a, b) for a, b in zip(mirror[:-1], mirror[1:]))
+        self.decoder = nn.ModuleList([*(SparseLinear(a, b) for a, b in zip(mirror[:-2], mirror[1:-1])),
+                                      nn.Linear(mirror[-2], n_inputs)])  # the output layer, as nn.Linear stores it
         self.hidden_activation = activation(hidden_activation)
         self.output_function = activation(output_activation)
         self.input_dropout = dropout
@@ -66,8 +68,7 @@ class VAE(RatingModel):
 
     def decode(self, z: Tensor) -> Tensor:
         """(batch, n_inputs) dense reconstruction from codes z."""
-        weight, bias = self.output_layer()
-        return self.output_function(self.decoder_features(z) @ weight + bias)
+        return self.output_function(F.linear(self.decoder_features(z), *self.output_layer()))
 
     def features(self, x: SparseRows | Tensor) -> Tensor:
         mu, logvar = self.encode(x)
