@@ -296,6 +296,18 @@ class SparseRows(NamedTuple):
         rows = torch.arange(self.n_rows, device=self.crow.device)
         return torch.repeat_interleave(rows, self.crow.diff(), output_size=len(self.col))
 
+    def take(self, rows: torch.Tensor) -> SparseRows:
+        """Rows `rows` (positions in this batch) as a batch of their own, on this batch's device, in a few
+        vectorised ops: how a matrix held on the GPU serves its training batches."""
+        start = self.crow[rows]
+        lengths = self.crow[rows + 1] - start
+        crow = torch.zeros(len(rows) + 1, dtype=torch.int64, device=self.crow.device)
+        torch.cumsum(lengths, 0, out=crow[1:])
+        nnz = int(crow[-1])
+        at = torch.repeat_interleave(start - crow[:-1], lengths, output_size=nnz)
+        at += torch.arange(nnz, device=self.crow.device)  # entry j of row i sits at start[i] + j
+        return SparseRows(self.rows[rows], crow, self.col[at], self.val[at], self.n_cols)
+
     def cells(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(nnz,) each: the matrix row and the column of each stored entry."""
         return self.rows[self.row_index()], self.col
@@ -344,6 +356,19 @@ class _RowBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, rows: list[int]) -> SparseRows:
         return SparseRows.from_csr(self.matrix, np.asarray(rows))
+
+
+class _RowNumbers(torch.utils.data.Dataset):
+    """Indexed by a list of row numbers: the numbers themselves, as a tensor the trainer moves to the device."""
+
+    def __init__(self, n_rows: int):
+        self.n_rows = n_rows
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __getitem__(self, rows: list[int]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.int64)
 
 
 def rating_means(matrix: sp.csr_matrix, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -397,6 +422,8 @@ class MovieLensDataModule(L.LightningDataModule):
         seed: int = 0,
         batch_size: int = 256,
         eval_batch_size: int = 1024,
+        batches_on_device: str | bool = "auto",  # see train_dataloader
+        num_workers: int = 0,  # for batches sliced on the host
     ):
         super().__init__()
         self.spec = dataset_spec(dataset)
@@ -407,6 +434,10 @@ class MovieLensDataModule(L.LightningDataModule):
         self.min_item_ratings, self.orientation = min_item_ratings, orientation
         self.fold, self.n_folds, self.test_fraction, self.val_fraction = fold, n_folds, test_fraction, val_fraction
         self.seed, self.batch_size, self.eval_batch_size = seed, batch_size, eval_batch_size
+        if batches_on_device not in ("auto", True, False):
+            raise DataError(f"data.batches_on_device={batches_on_device!r}: expected auto, true or false")
+        self.batches_on_device, self.num_workers = batches_on_device, num_workers
+        self._on_device: dict[torch.device, SparseRows] = {}  # the training matrix, per device that holds it
         self.given: tuple[Ratings, str] | None = None  # (ratings, name) for a module over ratings in memory
         self.prepared = False
 
@@ -468,10 +499,46 @@ class MovieLensDataModule(L.LightningDataModule):
     def rating_range(self) -> tuple[float, float]:
         return self.spec.rating_min, self.spec.rating_max
 
+    def device(self) -> torch.device:
+        """Where training runs: the attached trainer's device, else the CPU."""
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def holds_batches_on_device(self, device: torch.device) -> bool:
+        """Whether training batches are cut on the device from a copy of the training matrix kept there
+        (`batches_on_device`): `auto` does so on an accelerator whose free memory is four times the matrix
+        (ML-1M: 9 MB; ML-20M: 0.2 GB), and slices on the host for the CPU, where scipy's row slicing is
+        the faster of the two (6 against 11 ms per ML-1M epoch)."""
+        if self.batches_on_device != "auto":
+            return bool(self.batches_on_device)
+        if device.type != "cuda":
+            return False
+        size = self.train_matrix.nnz * 12 + self.train_matrix.shape[0] * 16  # col, val, crow and row ids
+        return 4 * size < torch.cuda.mem_get_info(device)[0]
+
     def train_dataloader(self) -> DataLoader:
+        """Shuffled batches of training rows. Held on the device, the loader yields only each batch's row
+        numbers and `on_after_batch_transfer` cuts the rows there: no per-batch host work or copy beyond
+        the shuffle. Otherwise the host slices CSR rows, in `num_workers` processes, into pinned memory
+        when a GPU is to receive them."""
         generator = torch.Generator().manual_seed(self.seed * 1000 + self.fold)
         sampler = ShuffledBatches(self.n_rows, self.batch_size, generator)
-        return DataLoader(_RowBatches(self.train_matrix), sampler=sampler, batch_size=None)
+        device = self.device()
+        if self.holds_batches_on_device(device):
+            return DataLoader(_RowNumbers(self.n_rows), sampler=sampler, batch_size=None)
+        return DataLoader(_RowBatches(self.train_matrix), sampler=sampler, batch_size=None,
+                          num_workers=self.num_workers, pin_memory=device.type == "cuda")
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if not isinstance(batch, torch.Tensor):  # already rows: sliced on the host, or an evaluation batch
+            return batch
+        if batch.device not in self._on_device:  # once per fit and device
+            whole = SparseRows.from_csr(self.train_matrix, np.arange(self.n_rows))
+            self._on_device = {batch.device: SparseRows(*(t.to(batch.device) for t in whole[:4]), whole.n_cols)}
+        return self._on_device[batch.device].take(batch)
+
+    def teardown(self, stage: str) -> None:
+        self._on_device.clear()  # free the device's copy after fit
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._eval_batches(self.train_matrix, self.val_matrix), batch_size=None)

@@ -211,6 +211,50 @@ def test_every_training_row_is_served_once_per_epoch(data_root):
     assert sorted(np.concatenate([b.rows.numpy() for b in batches])) == list(range(200))
 
 
+def test_take_cuts_the_same_rows_as_slicing_the_csr_matrix_empty_rows_included():
+    m = sp.random(30, 11, density=0.2, format="csr", random_state=1, dtype=np.float32)
+    m[4] = 0  # an empty row
+    m.eliminate_zeros()
+    whole = SparseRows.from_csr(m, np.arange(30))
+    for rows in ([4], [29, 4, 0, 17], list(range(30)), []):
+        got, want = whole.take(torch.tensor(rows, dtype=torch.int64)), SparseRows.from_csr(m, np.array(rows, dtype=int))
+        for a, b in zip(got[:4], want[:4]):
+            assert torch.equal(a, b)
+
+
+def test_batches_held_on_the_device_train_exactly_like_batches_sliced_on_the_host(data_root):
+    import lightning as L
+
+    from cfae.models import AutoRec
+
+    class Recorder(L.Callback):
+        def __init__(self):
+            self.batches = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            assert isinstance(batch, SparseRows)
+            self.batches.append(batch)
+
+    weights = {}
+    for on_device in (False, True):
+        dm = module(data_root, batch_size=48, batches_on_device=on_device)
+        torch.manual_seed(0)
+        model, recorder = AutoRec(n_inputs=dm.n_cols, hidden_size=8, optimizer=torch.optim.Adam), Recorder()
+        trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[recorder], accelerator="cpu")
+        trainer.fit(model, datamodule=dm)
+        assert isinstance(next(iter(dm.train_dataloader())), torch.Tensor) == on_device  # row numbers only
+        assert sum(len(b.val) for b in recorder.batches) == 2 * dm.train_matrix.nnz
+        weights[on_device] = model.encoder.weight.detach().clone()
+    torch.testing.assert_close(weights[True], weights[False], rtol=0, atol=0)
+
+
+def test_batches_on_device_setting_is_checked_and_auto_slices_on_the_host_for_a_cpu(data_root):
+    with pytest.raises(DataError, match="batches_on_device='gpu'"):
+        MovieLensDataModule(batches_on_device="gpu")
+    assert not module(data_root).holds_batches_on_device(torch.device("cpu"))
+
+
 @pytest.mark.parametrize("n_rows,sizes", [(9, [4, 5]), (10, [4, 4, 2]), (1, [1]), (4, [4])])
 def test_batches_cover_every_row_once_and_never_leave_a_single_row_alone(n_rows, sizes):
     sampler = data.ShuffledBatches(n_rows, 4, torch.Generator().manual_seed(0))
