@@ -2,9 +2,10 @@
 
     CFAE_DATA_DIR=../shared/data python benchmarks/epoch_time.py [--epochs 4] [--models autorec,deep,vae]
 
-Each model trains on ML-1M fold 0, item rows, batch 256, Adam lr 1e-3, with the masked loss: cfae through
-Lightning with its config's optimizer (Adam with `fused=True`), the reference as the textbook loop that
-holds the whole items x users matrix dense and multiplies it as is, in float32, with torch's default Adam.
+Each model trains on ML-1M fold 0, item rows, batch 256 (`--batch-size`), Adam lr 1e-3, with the masked
+loss: cfae through Lightning with its config's optimizer (Adam with `fused=True`), the reference as the
+textbook loop that holds the whole items x users matrix dense and multiplies it as is, in float32, with
+torch's default Adam.
 cfae runs at its default precision (`conf/trainer/default.yaml`: bf16 mixed precision on a CPU with AMX
 tiles, else float32). Two more references show where the gap comes from: the dense loop with fused Adam,
 and with fused Adam under bf16 autocast (cfae's optimizer and precision). Reported: the median
@@ -15,6 +16,7 @@ epoch after one warm-up epoch. The last line starts with AutoRec's
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import statistics
@@ -28,7 +30,7 @@ from torch import nn
 from cfae import _precision
 from cfae.data import MovieLensDataModule
 from cfae.models import VAE, AutoRec, DeepAutoencoder
-from cfae.train import EpochTimer
+from cfae.train import EpochTimer, keep_freed_memory
 
 HIDDEN = 500
 
@@ -58,14 +60,14 @@ def reference(name: str, n_cols: int) -> tuple[nn.Module, callable]:
     return net, loss
 
 
-def dense_epochs(name: str, matrix, epochs: int, fused: bool, bf16: bool = False) -> list[float]:
+def dense_epochs(name: str, matrix, epochs: int, fused: bool, bf16: bool = False, batch_size: int = 256) -> list[float]:
     x_all = torch.from_numpy(matrix.toarray())  # (n_rows, n_cols) dense
     net, loss_fn = reference(name, x_all.shape[1])
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=fused)
     times = []
     for _ in range(epochs):
         start = time.perf_counter()
-        for rows in torch.randperm(len(x_all)).split(256):
+        for rows in torch.randperm(len(x_all)).split(batch_size):
             x = x_all[rows]  # (batch, n_cols)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn(x, x > 0)
@@ -101,19 +103,21 @@ def main() -> None:
     parser.add_argument("--models", default="autorec,deep,vae")
     parser.add_argument("--output-path", default="auto", choices=["auto", "sparse", "dense"])
     parser.add_argument("--precision", default=_precision("cpu"), help="cfae's; default: conf/trainer's choice")
+    parser.add_argument("--batch-size", type=int, default=256, help="rows per batch, for every loop")
     args = parser.parse_args()
     logging.getLogger("lightning").setLevel(logging.ERROR)
+    keep_freed_memory()  # as train.py does; the reference loops share the process and so the setting
     root = os.environ.get("CFAE_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
-    dm = MovieLensDataModule(dataset="ml1m", root=root, orientation="item", batch_size=256)
+    dm = MovieLensDataModule(dataset="ml1m", root=root, orientation="item", batch_size=args.batch_size)
     dm.setup()
     print(f"ml1m: {dm.train_matrix.shape[0]} item rows x {dm.n_cols} users, {dm.train_matrix.nnz} training "
           f"ratings; torch {torch.__version__}, {torch.get_num_threads()} threads; cfae precision {args.precision}")
     figures = []
     for name in args.models.split(","):
         torch.manual_seed(0)
-        runs = {"dense": dense_epochs(name, dm.train_matrix, args.epochs, fused=False),
-                "dense+fused": dense_epochs(name, dm.train_matrix, args.epochs, fused=True),
-                "dense+fused+bf16": dense_epochs(name, dm.train_matrix, args.epochs, fused=True, bf16=True),
+        dense = functools.partial(dense_epochs, name, dm.train_matrix, args.epochs, batch_size=args.batch_size)
+        runs = {"dense": dense(fused=False), "dense+fused": dense(fused=True),
+                "dense+fused+bf16": dense(fused=True, bf16=True),
                 "cfae": cfae_epochs(name, dm, args.epochs, args.output_path, args.precision)}
         medians = {k: statistics.median(v[1:]) for k, v in runs.items()}
         for kind, times in runs.items():

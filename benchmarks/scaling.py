@@ -34,9 +34,10 @@ def one(name: str, batch_size: int) -> dict:
     from cfae.data import MovieLensDataModule
     from cfae.models import AutoRec
     from cfae.synthetic import planted_ratings
-    from cfae.train import EpochTimer
+    from cfae.train import EpochTimer, keep_freed_memory
 
     logging.getLogger("lightning").setLevel(logging.ERROR)
+    keep_freed_memory()  # as train.py does
     common = {"orientation": "item", "batch_size": batch_size, "min_item_ratings": 1 if name in SYNTHETIC else 10}
     if name in SYNTHETIC:
         users, items = ML20M_SHAPE

@@ -6,6 +6,7 @@ import ctypes
 import logging
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -31,11 +32,14 @@ class EpochTimer(Callback):
 
     def __init__(self):
         self.times: list[float] = []
+        self.start: float | None = None
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.start is None:  # resumed from a checkpoint taken at the end of an epoch: nothing timed
+            return
         self.times.append(time.perf_counter() - self.start)
         pl_module.log("time/epoch_s", self.times[-1])
 
@@ -121,9 +125,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
                         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None)
     logger = start_run(cfg, datamodule, output_dir)
 
+    # The best weights at each improvement (weights only: 24 MB for ML-1M AutoRec, written in a third of the
+    # time of the 72 MB full state); the full state for `resume` at most every `checkpoint_every_s` seconds.
+    # Writing both every epoch took 0.4 s, more than the ML-1M epoch itself.
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor="val/rmse",
-                                 mode="min", save_top_k=1, save_last=True)
-    callbacks = [checkpoint, EarlyStopping(monitor="val/rmse", mode="min", patience=cfg.patience), EpochTimer()]
+                                 mode="min", save_top_k=1, save_weights_only=True)
+    latest = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last", enable_version_counter=False,
+                             train_time_interval=timedelta(seconds=cfg.get("checkpoint_every_s", 60)))
+    callbacks = [checkpoint, latest, EarlyStopping(monitor="val/rmse", mode="min", patience=cfg.patience), EpochTimer()]
     if cfg.get("scheduler") and logger:
         callbacks.append(LearningRateMonitor("epoch"))  # the schedule, epoch by epoch, in MLflow
     sweep = cfg.get("sweep") or {}
@@ -133,10 +142,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         pruning = OptunaPruning(sweep.study, sweep.storage, sweep.trial, pruner)
         callbacks.append(pruning)
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
+    resume = cfg.get("resume")
+    if resume and not Path(resume).is_file():
+        raise FileNotFoundError(f"resume={resume}: no such checkpoint (a run's full state is "
+                                f"<its output dir>/checkpoints/last.ckpt)")
 
     start = time.perf_counter()
     try:
-        trainer.fit(model, datamodule=datamodule)  # on an exception Lightning marks the run FAILED
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)  # on an exception Lightning marks the run FAILED
     except Exception as err:
         if logger:
             logger.experiment.set_tag(logger.run_id, "error", f"{type(err).__name__}: {err}"[:5000])
@@ -147,7 +160,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if pruned:  # no test for a trial the sweep gave up on
         pruning.finish_pruned()
     else:
-        test = trainer.test(model, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
+        test = trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False)[0]
         metrics["test/rmse"] = float(test["test/rmse"])
         if cfg.get("ranking"):  # on the best checkpoint, which trainer.test has loaded into the model
             ranking = evaluate_ranking(model, datamodule, **cfg.ranking)

@@ -63,6 +63,27 @@ def test_mlflow_run_stores_config_and_best_checkpoint_under_mlruns(trained):
     assert run.info.artifact_uri.startswith((tmp_path / "mlruns" / "artifacts").as_uri())
 
 
+def test_a_run_resumes_from_its_last_full_state_and_a_missing_checkpoint_is_named(data_root, tmp_path):
+    import torch
+
+    first = config(data_root, tmp_path, "trainer.max_epochs=2", "checkpoint_every_s=0")
+    train(first)
+    last = tmp_path / "out" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=False)
+    assert state["epoch"] == 1 and state["optimizer_states"]  # the full state: optimizer included
+    best = torch.load(tmp_path / "out" / "checkpoints" / "best.ckpt", weights_only=False)
+    assert "optimizer_states" not in best  # the best checkpoint holds weights only
+    more = config(data_root, tmp_path, "trainer.max_epochs=4", f"resume={last}",
+                  f"output_dir={tmp_path / 'resumed'}")
+    assert train(more)["epochs"] == 4
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("cfae").experiment_id], order_by=["start_time"])
+    epochs_run = [len(client.get_metric_history(r.info.run_id, "val/rmse")) for r in runs]
+    assert epochs_run == [2, 2]  # the resumed run trained epochs 3 and 4 only (from scratch: 4)
+    with pytest.raises(FileNotFoundError, match="resume=.*nowhere.ckpt: no such checkpoint"):
+        train(config(data_root, tmp_path, f"resume={tmp_path / 'nowhere.ckpt'}"))
+
+
 def test_a_run_that_dies_is_marked_failed_with_its_error_and_keeps_what_it_logged(data_root, tmp_path):
     cfg = config(data_root, tmp_path, "trainer.max_epochs=5", "optimizer.lr=1e30")  # diverges to NaN
     with pytest.raises(FloatingPointError, match="training loss is (nan|inf)"):
@@ -101,7 +122,7 @@ def test_an_experiment_run_from_train_py_is_tagged_with_its_row_and_model(data_r
 
 
 def test_train_py_bad_fold_is_a_clear_error(data_root, tmp_path):
-    done = cli(tmp_path, "data.fold=7", "logger=none", env_extra={"CFAE_DATA_DIR": str(data_root)})
+    done = cli(tmp_path, "data.fold=7", env_extra={"CFAE_DATA_DIR": str(data_root)})
     assert done.returncode != 0
     assert "data.fold=7 is outside 0..4" in done.stderr
 
