@@ -270,6 +270,12 @@ def split_ratings(n_ratings: int, fold: int, n_folds: int = 5, test_fraction: fl
 # Batches
 
 
+def entry_rows(crow: torch.Tensor, nnz: int) -> torch.Tensor:
+    """(nnz,) the row of each entry of a CSR matrix with row offsets `crow`."""
+    rows = torch.arange(len(crow) - 1, device=crow.device)
+    return torch.repeat_interleave(rows, crow.diff(), output_size=nnz)
+
+
 class SparseRows(NamedTuple):
     """A batch of CSR rows as torch tensors; Lightning moves it to the model's device as a whole."""
 
@@ -293,8 +299,7 @@ class SparseRows(NamedTuple):
 
     def row_index(self) -> torch.Tensor:
         """(nnz,) the row of each stored entry."""
-        rows = torch.arange(self.n_rows, device=self.crow.device)
-        return torch.repeat_interleave(rows, self.crow.diff(), output_size=len(self.col))
+        return entry_rows(self.crow, len(self.col))
 
     def take(self, rows: torch.Tensor) -> SparseRows:
         """Rows `rows` (positions in this batch) as a batch of their own, on this batch's device, in a few

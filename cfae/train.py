@@ -49,10 +49,9 @@ def keep_freed_memory() -> bool:
 
     By default glibc maps every block above 32 MB afresh and unmaps it when freed, so each new large
     tensor (a 138k x 500 weight gradient at ML-20M's size: 277 MB, every step) pays the kernel for zeroed
-    pages: allocating one took 55 ms, 16 ms with this setting, and an AutoRec step on 20M ratings went from
-    283 to 189 ms. The price: memory freed during training stays with the process for reuse. Linux with
-    glibc only (the role jemalloc or tcmalloc play in PyTorch's CPU tuning guides); returns whether it
-    took effect.
+    pages: allocating and filling one takes 69 ms, 18 ms with this setting (benchmarks/kernels.py). The
+    price: memory freed during training stays with the process for reuse. Linux with glibc only (the role
+    jemalloc or tcmalloc play in PyTorch's CPU tuning guides); returns whether it took effect.
     """
     if not sys.platform.startswith("linux"):
         return False

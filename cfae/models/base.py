@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MinMetric
 
-from cfae.data import EvalBatch, SparseRows
+from cfae.data import EvalBatch, SparseRows, entry_rows
 from cfae.metrics import MaskedRMSE
 
 # cfae uses torch's CSR tensors knowingly (SampledLinear), and closed-form models skip training steps on purpose.
@@ -47,14 +47,13 @@ def column_sums(rows: Tensor, crow: Tensor, col: Tensor, weights: Tensor, n_cols
     """(n_cols, d): for each column c of a CSR pattern, the sum over its entries k of weights[k] times the
     row of `rows` (batch, d) that entry k sits in; in matrix terms X^T @ rows, X the pattern holding
     `weights`. The entries are regrouped by column and summed as embedding bags, one bag per column, so
-    the cost is the entries' plus writing the result (empty columns come out zero); torch's own backward of
-    embedding_bag sorts and scatters instead and took twice as long (benchmarks/epoch_time.py)."""
+    the cost is the entries' plus writing the result (empty columns come out zero). torch's own backward of
+    embedding_bag sorts and scatters instead: 6.5 ms against 2.6 on an ML-1M batch (benchmarks/kernels.py)."""
     order = torch.argsort(col, stable=True)
     offsets = torch.zeros(n_cols + 1, dtype=torch.int64, device=col.device)
     torch.cumsum(torch.bincount(col, minlength=n_cols), 0, out=offsets[1:])
-    row = torch.repeat_interleave(torch.arange(len(crow) - 1, device=col.device), crow.diff(), output_size=len(col))
-    return F.embedding_bag(row[order], rows, offsets, per_sample_weights=weights[order].to(rows.dtype),
-                           mode="sum", include_last_offset=True)
+    return F.embedding_bag(entry_rows(crow, len(col))[order], rows, offsets,
+                           per_sample_weights=weights[order].to(rows.dtype), mode="sum", include_last_offset=True)
 
 
 class SparseRowsTimesDense(torch.autograd.Function):
@@ -118,7 +117,7 @@ class SampledLinear(torch.autograd.Function):
     sampled_addmm; backward is two embedding bags: each row's gradient sums the weight rows of its cells
     (grad_h), each column's sums the h rows of its cells (`column_sums`). The row-per-column layout makes
     all three read whole rows: with the weight stored (hidden, n_cols), sampled_addmm on a 138k-column
-    output took 182 ms instead of 21.
+    output takes 194 ms instead of 24 (benchmarks/kernels.py).
     """
 
     @staticmethod
