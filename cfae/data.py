@@ -339,11 +339,13 @@ class ShuffledBatches(torch.utils.data.Sampler[list[int]]):
     def __init__(self, n_rows: int, batch_size: int, generator: torch.Generator):
         self.n_rows, self.batch_size, self.generator = n_rows, batch_size, generator
 
-    def __iter__(self):
+    def __iter__(self):  # a generator: the order is drawn at the first batch, not when iter() is called, so
+        # an iterator made and dropped unused (DataLoader's worker set-up does so) takes no draw of its own
         batches = list(torch.randperm(self.n_rows, generator=self.generator).split(self.batch_size))
         if len(batches) > 1 and len(batches[-1]) == 1:
             batches[-2:] = [torch.cat(batches[-2:])]
-        return (b.tolist() for b in batches)
+        for b in batches:
+            yield b.tolist()
 
     def __len__(self) -> int:
         full, tail = divmod(self.n_rows, self.batch_size)

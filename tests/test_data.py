@@ -249,6 +249,14 @@ def test_batches_held_on_the_device_train_exactly_like_batches_sliced_on_the_hos
     torch.testing.assert_close(weights[True], weights[False], rtol=0, atol=0)
 
 
+def test_host_batches_from_worker_processes_are_the_batches_of_the_main_process(data_root):
+    in_main = list(module(data_root, batch_size=48).train_dataloader())
+    from_workers = list(module(data_root, batch_size=48, num_workers=2).train_dataloader())
+    assert len(in_main) == len(from_workers) == 5
+    for a, b in zip(in_main, from_workers):
+        assert all(torch.equal(x, y) for x, y in zip(a[:4], b[:4]))
+
+
 def test_batches_on_device_setting_is_checked_and_auto_slices_on_the_host_for_a_cpu(data_root):
     with pytest.raises(DataError, match="batches_on_device='gpu'"):
         MovieLensDataModule(batches_on_device="gpu")
