@@ -513,7 +513,7 @@ class MovieLensDataModule(L.LightningDataModule):
 
     def holds_batches_on_device(self, device: torch.device) -> bool:
         """Whether training batches are cut on the device from a copy of the training matrix kept there
-        (`batches_on_device`): `auto` does so on an accelerator whose free memory is four times the matrix
+        (`batches_on_device`): `auto` does so on a CUDA GPU whose free memory is four times the matrix
         (ML-1M: 9 MB; ML-20M: 0.2 GB), and slices on the host for the CPU, where scipy's row slicing is
         the faster of the two (6 against 11 ms per ML-1M epoch)."""
         if self.batches_on_device != "auto":
