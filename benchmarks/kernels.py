@@ -8,7 +8,8 @@ median of `--repeats` after a warm-up, float32:
 - the encoder's weight gradient X^T @ grad: torch's own embedding_bag backward (sort and scatter) against
   `column_sums` (the entries regrouped by column and summed as embedding bags);
 - the sampled output product with the weight stored (hidden, n_cols) against one row per output column
-  (n_cols, hidden), nn.Linear's layout;
+  (n_cols, hidden), nn.Linear's layout, and the dense product over every cell under bf16 autocast (what
+  `output_path=auto` weighs it against);
 - allocating and filling a (n_cols, 500) gradient with glibc's defaults, then after `keep_freed_memory`.
 Last line: `<shape>_<what>_ms=` for each, and the ratios.
 """
@@ -63,7 +64,14 @@ def measure(name: str, x: SparseRows, generator: torch.Generator, repeats: int) 
             f"{name}_sampled_hidden_by_cols_ms": median_ms(lambda: torch.sparse.sampled_addmm(pattern, h, by_column),
                                                            repeats),
             f"{name}_sampled_cols_by_hidden_ms": median_ms(lambda: torch.sparse.sampled_addmm(pattern, h, by_row.T),
-                                                           repeats)}
+                                                           repeats),
+            f"{name}_dense_bf16_ms": median_ms(lambda: dense_bf16(h, by_row), repeats)}
+
+
+def dense_bf16(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The whole (rows, n_cols) output under bf16 autocast, as cfae's dense path computes it."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return F.linear(h, weight)
 
 
 def main() -> None:
@@ -83,7 +91,8 @@ def main() -> None:
         print(f"{name:>6}: X^T @ grad: torch's backward {figures[f'{name}_torch_backward_ms']:.1f} ms, column_sums "
               f"{figures[f'{name}_column_sums_ms']:.1f} ms; sampled product, weight (hidden, n_cols) "
               f"{figures[f'{name}_sampled_hidden_by_cols_ms']:.1f} ms, (n_cols, hidden) "
-              f"{figures[f'{name}_sampled_cols_by_hidden_ms']:.1f} ms")
+              f"{figures[f'{name}_sampled_cols_by_hidden_ms']:.1f} ms; dense bf16 over every cell "
+              f"{figures[f'{name}_dense_bf16_ms']:.1f} ms")
     ratios = {f"{name}_column_sums_over_torch": figures[f"{name}_column_sums_ms"] / figures[f"{name}_torch_backward_ms"]
               for name in SHAPES}
     ratios["ml20m_rows_over_columns_layout"] = (figures["ml20m_sampled_cols_by_hidden_ms"]

@@ -49,7 +49,7 @@ def keep_freed_memory() -> bool:
 
     By default glibc maps every block above 32 MB afresh and unmaps it when freed, so each new large
     tensor (a 138k x 500 weight gradient at ML-20M's size: 277 MB, every step) pays the kernel for zeroed
-    pages: allocating and filling one takes 69 ms, 18 ms with this setting (benchmarks/kernels.py). The
+    pages: allocating and filling one takes 63 ms, 17 ms with this setting (benchmarks/kernels.py). The
     price: memory freed during training stays with the process for reuse. Linux with glibc only (the role
     jemalloc or tcmalloc play in PyTorch's CPU tuning guides); returns whether it took effect.
     """

@@ -48,7 +48,7 @@ def column_sums(rows: Tensor, crow: Tensor, col: Tensor, weights: Tensor, n_cols
     row of `rows` (batch, d) that entry k sits in; in matrix terms X^T @ rows, X the pattern holding
     `weights`. The entries are regrouped by column and summed as embedding bags, one bag per column, so
     the cost is the entries' plus writing the result (empty columns come out zero). torch's own backward of
-    embedding_bag sorts and scatters instead: 6.5 ms against 2.6 on an ML-1M batch (benchmarks/kernels.py)."""
+    embedding_bag sorts and scatters instead: 6.1 ms against 2.5 on an ML-1M batch (benchmarks/kernels.py)."""
     order = torch.argsort(col, stable=True)
     offsets = torch.zeros(n_cols + 1, dtype=torch.int64, device=col.device)
     torch.cumsum(torch.bincount(col, minlength=n_cols), 0, out=offsets[1:])
@@ -117,7 +117,7 @@ class SampledLinear(torch.autograd.Function):
     sampled_addmm; backward is two embedding bags: each row's gradient sums the weight rows of its cells
     (grad_h), each column's sums the h rows of its cells (`column_sums`). The row-per-column layout makes
     all three read whole rows: with the weight stored (hidden, n_cols), sampled_addmm on a 138k-column
-    output takes 194 ms instead of 24 (benchmarks/kernels.py).
+    output takes 182 ms instead of 22 (benchmarks/kernels.py).
     """
 
     @staticmethod
@@ -189,9 +189,9 @@ class RatingModel(L.LightningModule):
     def sparse_output(self, at: SparseRows) -> bool:
         """Whether to compute outputs only at the cells of `at`. `auto` goes sparse when the cells are under
         1% of the batch's rows x columns, or when the dense output would pass 256 MB. Measured on a 2-core
-        AMX CPU (AutoRec 500, batch 256, benchmarks/epoch_time.py, scaling.py): at ML-1M's 4.5% the dense
-        product wins (bf16 tiles reuse each weight column across the batch; 17 against 23 ms a step), at
-        0.4% (20M ratings of ML-20M's shape) the sampled one does (186 against 290 ms a step)."""
+        AMX CPU (benchmarks/kernels.py, 256 rows, latent 500): at ML-1M's 4% the dense bf16 product wins
+        (tiles reuse each weight row across the batch: 1.6 ms against 3.0 sampled), at ML-20M's 0.4% the
+        sampled one does (22 ms against 104)."""
         if self.output_path != "auto":
             return self.output_path == "sparse"
         cells = at.n_rows * at.n_cols
