@@ -313,6 +313,9 @@ class SparseRows(NamedTuple):
         at += torch.arange(nnz, device=self.crow.device)  # entry j of row i sits at start[i] + j
         return SparseRows(self.rows[rows], crow, self.col[at], self.val[at], self.n_cols)
 
+    def to(self, device: torch.device) -> SparseRows:
+        return SparseRows(*(t.to(device) for t in self[:4]), self.n_cols)
+
     def cells(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(nnz,) each: the matrix row and the column of each stored entry."""
         return self.rows[self.row_index()], self.col
@@ -444,7 +447,7 @@ class MovieLensDataModule(L.LightningDataModule):
         if batches_on_device not in ("auto", True, False):
             raise DataError(f"data.batches_on_device={batches_on_device!r}: expected auto, true or false")
         self.batches_on_device, self.num_workers = batches_on_device, num_workers
-        self._on_device: dict[torch.device, SparseRows] = {}  # the training matrix, per device that holds it
+        self._held: SparseRows | None = None  # the training matrix, on the device that cuts batches from it
         self.given: tuple[Ratings, str] | None = None  # (ratings, name) for a module over ratings in memory
         self.prepared = False
 
@@ -508,8 +511,7 @@ class MovieLensDataModule(L.LightningDataModule):
 
     def device(self) -> torch.device:
         """Where training runs: the attached trainer's device, else the CPU."""
-        trainer = getattr(self, "trainer", None)
-        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
 
     def holds_batches_on_device(self, device: torch.device) -> bool:
         """Whether training batches are cut on the device from a copy of the training matrix kept there
@@ -539,13 +541,12 @@ class MovieLensDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if not isinstance(batch, torch.Tensor):  # already rows: sliced on the host, or an evaluation batch
             return batch
-        if batch.device not in self._on_device:  # once per fit and device
-            whole = SparseRows.from_csr(self.train_matrix, np.arange(self.n_rows))
-            self._on_device = {batch.device: SparseRows(*(t.to(batch.device) for t in whole[:4]), whole.n_cols)}
-        return self._on_device[batch.device].take(batch)
+        if self._held is None or self._held.crow.device != batch.device:  # once per fit
+            self._held = SparseRows.from_csr(self.train_matrix, np.arange(self.n_rows)).to(batch.device)
+        return self._held.take(batch)
 
     def teardown(self, stage: str) -> None:
-        self._on_device.clear()  # free the device's copy after fit
+        self._held = None  # free the device's copy after fit
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._eval_batches(self.train_matrix, self.val_matrix), batch_size=None)

@@ -23,10 +23,6 @@ import torch
 from cfae.data import SparseRows
 
 
-def _on(x: SparseRows, device: torch.device) -> SparseRows:
-    return SparseRows(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in x))
-
-
 @torch.no_grad()
 def score_matrix(model, inputs: sp.csr_matrix, chunk: int = 256) -> np.ndarray:
     """(n_rows, n_cols) predicted ratings for every cell, the rows of `inputs` being the model's input."""
@@ -35,7 +31,7 @@ def score_matrix(model, inputs: sp.csr_matrix, chunk: int = 256) -> np.ndarray:
     scores = np.empty((n_rows, n_cols), dtype=np.float32)
     for start in range(0, n_rows, chunk):
         rows = np.arange(start, min(start + chunk, n_rows))
-        x = _on(SparseRows.from_csr(inputs, rows), model.device)
+        x = SparseRows.from_csr(inputs, rows).to(model.device)
         scores[rows] = model(x).float().cpu().numpy()  # (chunk, n_cols): forward scores every cell
     return scores
 
