@@ -98,6 +98,14 @@ class SparseLinear(nn.Module):
         return x @ self.weight + self.bias
 
 
+def decoder_layers(sizes: list[int]) -> nn.ModuleList:
+    """Layers sizes[0] -> sizes[1] -> ... -> sizes[-1] (the output, n_inputs wide): the hidden ones as
+    SparseLinear, the output one as nn.Linear, whose weight layout (one row per output column) is the one
+    the sampled output product reads (`SampledLinear`)."""
+    hidden = (SparseLinear(a, b) for a, b in zip(sizes[:-2], sizes[1:-1]))
+    return nn.ModuleList([*hidden, nn.Linear(sizes[-2], sizes[-1])])
+
+
 def corrupt(x: SparseRows, dropout: float = 0.0, gaussian: float = 0.0) -> SparseRows:
     """Denoising corruption of the observed ratings (Vincent et al. 2008): drop a fraction `dropout` of
     them (the rest scaled by 1/(1-dropout), as nn.Dropout does, so the expected input is unchanged), and

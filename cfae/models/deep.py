@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cfae.data import SparseRows
-from cfae.models.base import RatingModel, SparseLinear, activation, corrupt, masked_mse
+from cfae.models.base import RatingModel, SparseLinear, activation, corrupt, decoder_layers, masked_mse
 
 
 class DeepAutoencoder(RatingModel):
@@ -54,8 +54,7 @@ class DeepAutoencoder(RatingModel):
         if tied:  # decoder layer i multiplies by encoder[-1 - i].weight.T; only its bias is its own
             self.decoder_bias = nn.ParameterList(nn.Parameter(torch.zeros(b)) for b in mirror[1:])
         else:
-            self.decoder = nn.ModuleList([*(SparseLinear(a, b) for a, b in zip(mirror[:-2], mirror[1:-1])),
-                                          nn.Linear(mirror[-2], n_inputs)])  # the output layer: see output_layer
+            self.decoder = decoder_layers(mirror)
         norm = nn.BatchNorm1d if batch_norm else (lambda size: nn.Identity())
         self.encoder_norms = nn.ModuleList(norm(b) for b in sizes[1:])
         self.decoder_norms = nn.ModuleList(norm(b) for b in mirror[1:-1])  # not on the output

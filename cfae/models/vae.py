@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cfae.data import SparseRows
-from cfae.models.base import RatingModel, SparseLinear, activation, corrupt
+from cfae.models.base import RatingModel, SparseLinear, activation, corrupt, decoder_layers
 
 
 class VAE(RatingModel):
@@ -41,8 +41,7 @@ class VAE(RatingModel):
         self.encoder = nn.ModuleList(SparseLinear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         self.to_code = SparseLinear(sizes[-1], 2 * code)  # mu and logvar
         mirror = [code, *hidden[::-1], n_inputs]
-        self.decoder = nn.ModuleList([*(SparseLinear(a, b) for a, b in zip(mirror[:-2], mirror[1:-1])),
-                                      nn.Linear(mirror[-2], n_inputs)])  # the output layer, as nn.Linear stores it
+        self.decoder = decoder_layers(mirror)
         self.hidden_activation = activation(hidden_activation)
         self.output_function = activation(output_activation)
         self.input_dropout = dropout
