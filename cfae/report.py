@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 
 log = logging.getLogger("cfae.report")
 
-METRICS = ["test/rmse", "time/fit_s", "epochs", "test/recall_at_10", "test/ndcg_at_10", "val/rmse_best"]
+METRICS = ["test/rmse", "time/fit_s", "epochs", "test/recall_at_10", "test/ndcg_at_10"]
 LABELS = {  # the study's names for its rows (sec. 5), then ours
     "autorec": "Single hidden layer AE (AutoRec, 500)",
     "deep": "Deep AE 300,500,750",

@@ -110,7 +110,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     its Optuna trial each epoch, and stops early without a test if the pruner says so.
     """
     L.seed_everything(cfg.seed, workers=True)
-    if cfg.get("keep_freed_memory", True):
+    if cfg.keep_freed_memory:
         keep_freed_memory()
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
@@ -130,7 +130,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor="val/rmse",
                                  mode="min", save_top_k=1, save_weights_only=True)
     latest = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last", enable_version_counter=False,
-                             train_time_interval=timedelta(seconds=cfg.get("checkpoint_every_s", 60)))
+                             train_time_interval=timedelta(seconds=cfg.checkpoint_every_s))
     callbacks = [checkpoint, latest, EarlyStopping(monitor="val/rmse", mode="min", patience=cfg.patience), EpochTimer()]
     if cfg.get("scheduler") and logger:
         callbacks.append(LearningRateMonitor("epoch"))  # the schedule, epoch by epoch, in MLflow
@@ -141,7 +141,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         pruning = OptunaPruning(sweep.study, sweep.storage, sweep.trial, pruner)
         callbacks.append(pruning)
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
-    resume = cfg.get("resume")
+    resume = cfg.resume
     if resume and not Path(resume).is_file():
         raise FileNotFoundError(f"resume={resume}: no such checkpoint (a run's full state is "
                                 f"<its output dir>/checkpoints/last.ckpt)")
