@@ -15,6 +15,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -26,10 +27,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cfae.checks import UsageError
+
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UsageError, ValueError):
     """Bad or missing input data; the message names the file (and line) at fault."""
 
 
@@ -77,14 +80,23 @@ def dataset_spec(name: str) -> DatasetSpec:
 
 
 def locate_ratings(name: str, root: str | Path | None = None, download: bool = True) -> Path:
-    """Path of `name`'s ratings file under `root/<dirname>/`, downloading the archive if it is absent."""
+    """Path of `name`'s ratings file under `root/<dirname>/`, downloading the archive if it is absent.
+
+    A root that is named (`root` or $CFAE_DATA_DIR) must exist: a typo there should not start a download
+    into a fresh folder. Only the default user cache is created on demand.
+    """
     spec = dataset_spec(name)
-    root = Path(root) if root is not None else default_data_root()
+    named = root or os.environ.get("CFAE_DATA_DIR")
+    root = Path(named).expanduser() if named else default_data_root()
+    if named and not root.is_dir():
+        problem = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"data root {root} {problem} (CFAE_DATA_DIR or data.root)")
     path = root / spec.dirname / spec.ratings_file
     if path.is_file():
         return path
     if not download:
-        raise DataError(f"{path} not found; put the {spec.dirname} files there (from {spec.url})")
+        raise DataError(f"{path} not found and data.download=false: put {spec.ratings_file} from {spec.url} "
+                        f"in {path.parent}/, or set data.download=true")
     fetch_archive(spec, root)
     return path
 
@@ -112,7 +124,7 @@ def fetch_archive(spec: DatasetSpec, root: Path) -> None:
                 f"{target / spec.ratings_file} not found and {spec.url} could not be downloaded ({err}). "
                 f"Offline? Put {spec.ratings_file} from that archive in {target}/ "
                 f"or point CFAE_DATA_DIR at a folder holding {spec.dirname}/{spec.ratings_file}."
-            ) from err
+            ) from None  # the message carries the cause; a chained traceback would bury it
         digest = file_digest(archive, "md5")
         if digest != spec.md5:
             raise DataError(f"checksum mismatch for {spec.url}: md5 {digest}, expected {spec.md5}; nothing was kept")
@@ -142,55 +154,84 @@ class Ratings(NamedTuple):
     users: np.ndarray  # (n,) int64 original ids
     items: np.ndarray  # (n,) int64 original ids
     ratings: np.ndarray  # (n,) float32
+    # the file read, if any: errors found after parsing cite rating i as its line first_line + i
+    path: Path | None = None
+    first_line: int = 1
 
 
 def read_ratings(path: str | Path, separator: str, header: bool = False,
                  rating_min: float = 1.0, rating_max: float = 5.0) -> Ratings:
-    """Read `user<sep>item<sep>rating[<sep>timestamp]` lines.
+    """Read `user<sep>item<sep>rating[<sep>timestamp]` lines, every line with the same number of fields.
 
-    The file is parsed in one vectorised pass; only if that finds a problem is it walked line by line,
-    to name the first bad line in the error.
+    Blank lines at the end are ignored; anywhere else they are an error, so that rating i is always on
+    line `first_line + i`. The file is parsed in one vectorised pass; only if that finds a problem is it
+    walked line by line, to name the first bad line in the error.
     """
     path = Path(path)
-    text = path.read_bytes()
-    body = text.partition(b"\n")[2] if header else text
-    lines = body.count(b"\n") + (0 if body.endswith(b"\n") or not body else 1)
     try:
-        tokens = np.array(body.replace(separator.encode(), b" ").split())
-        table = tokens.reshape(lines, -1)
-        if table.shape[1] not in (3, 4):
+        text = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the ratings file ({err.strerror})") from None
+    first_line = 2 if header else 1
+    body = (text.partition(b"\n")[2] if header else text).rstrip()  # trailing blank lines are harmless
+    if not body:
+        only_header = header and text.strip()
+        raise DataError(f"{path}: no ratings below the header line" if only_header
+                        else f"{path}: the file is empty (no ratings)")
+    sep = separator.encode()
+    n_lines = body.count(b"\n") + 1
+    end = body.find(b"\n")
+    n_fields = len((body[:end] if end >= 0 else body).replace(sep, b" ").split())
+    try:
+        tokens = np.array(body.replace(sep, b" ").split())
+        if n_fields not in (3, 4) or len(tokens) != n_lines * n_fields:
             raise ValueError
+        table = tokens.reshape(n_lines, n_fields)
         users = table[:, 0].astype(np.int64)
         items = table[:, 1].astype(np.int64)
         ratings = table[:, 2].astype(np.float32)
-    except ValueError:
-        raise _first_bad_line(path, text, separator, header, rating_min, rating_max) from None
+    except (ValueError, OverflowError):  # OverflowError: an id beyond int64
+        raise _first_bad_line(path, body, first_line, separator, rating_min, rating_max) from None
     if not (np.all(ratings >= rating_min) and np.all(ratings <= rating_max)):
-        raise _first_bad_line(path, text, separator, header, rating_min, rating_max)
-    if len(ratings) == 0:
-        raise DataError(f"{path}: no ratings")
-    return Ratings(users, items, ratings)
+        raise _first_bad_line(path, body, first_line, separator, rating_min, rating_max)
+    return Ratings(users, items, ratings, path, first_line)
 
 
-def _first_bad_line(path, text, separator, header, rating_min, rating_max) -> DataError:
-    lines = text.decode("utf-8", errors="replace").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    for number, line in enumerate(lines, start=1):
-        if header and number == 1:
-            continue
-        fields = line.strip("\r").split(separator)
-        where = f"{path}:{number}: {line[:80]!r}"
-        if len(fields) not in (3, 4):
-            return DataError(f"{where}: expected 3 or 4 fields separated by {separator!r}, got {len(fields)}")
-        try:
-            int(fields[0]), int(fields[1])
-            rating = float(fields[2])
-        except ValueError:
-            return DataError(f"{where}: user and item must be integers and the rating a number")
-        if not rating_min <= rating <= rating_max:
-            return DataError(f"{where}: rating {rating:g} outside [{rating_min:g}, {rating_max:g}]")
-    return DataError(f"{path}: unreadable ratings file (blank lines or mixed separators?)")
+def _first_bad_line(path: Path, body: bytes, first_line: int, separator: str,
+                    rating_min: float, rating_max: float) -> DataError:
+    """The error for the first line of `body` (which starts on line `first_line`) that read_ratings cannot
+    take. It splits and converts the same bytes the same way (numpy's int64 cast of bytes is int()), so
+    it finds every line the vectorised pass rejected."""
+    sep = separator.encode()
+    lines = body.split(b"\n")
+    counts = [len(line.replace(sep, b" ").split()) for line in lines]
+    # the field count most lines have is the expected one, so a bad first line is blamed, not its followers
+    usual = Counter(c for c in counts if c).most_common(1)[0][0]
+    allowed, expected = ((usual,), str(usual)) if usual in (3, 4) else ((3, 4), "3 or 4")
+    for number, (line, count) in enumerate(zip(lines, counts), start=first_line):
+        if count == 0:
+            return DataError(f"{path} line {number} is blank (only blank lines at the end of the file are ignored)")
+        if count not in allowed:
+            problem = f"expected {expected} fields separated by {separator!r}, got {count}"
+        else:
+            problem = _field_problem(line.replace(sep, b" ").split(), rating_min, rating_max)
+        if problem:
+            shown = line.strip().decode("utf-8", errors="replace")[:80]
+            return DataError(f"{path} line {number}: {problem}: {shown!r}")
+    return DataError(f"{path}: unreadable ratings file")  # unreachable while both passes parse alike
+
+
+def _field_problem(fields: list[bytes], rating_min: float, rating_max: float) -> str | None:
+    try:
+        user, item, rating = int(fields[0]), int(fields[1]), float(fields[2])
+    except ValueError:
+        return "user and item must be integers and the rating a number"
+    if not (-2**63 <= user < 2**63 and -2**63 <= item < 2**63):
+        return "user or item id out of the 64-bit integer range"
+    # read_ratings compares float32 values: judge the same number
+    if not rating_min <= rating <= rating_max and not rating_min <= np.float32(rating) <= rating_max:
+        return f"rating {rating:g} outside [{rating_min:g}, {rating_max:g}]"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,18 +262,42 @@ class RatingMatrix:
 
 
 def build_matrix(ratings: Ratings, min_item_ratings: int = 10, source: str = "ratings") -> RatingMatrix:
-    """Drop items with fewer than `min_item_ratings` ratings (the study's cleaning), index the rest."""
+    """Drop items with fewer than `min_item_ratings` ratings (the study's cleaning), index the rest.
+
+    `source` names ratings not read from a file in errors; those from a file are cited by path and line.
+    """
+    where = str(ratings.path) if ratings.path is not None else source
+    if len(ratings.ratings) == 0:
+        raise DataError(f"{where}: no ratings")
     item_ids, item_index, item_counts = np.unique(ratings.items, return_inverse=True, return_counts=True)
     keep_item = item_counts >= min_item_ratings
     keep = keep_item[item_index]
+    if not keep.any():
+        raise DataError(f"{where}: no ratings left after dropping movies with fewer than {min_item_ratings} "
+                        f"ratings (data.min_item_ratings); the most-rated movie has {item_counts.max()}")
     user_ids, rows = np.unique(ratings.users[keep], return_inverse=True)
     kept_items, cols = np.unique(item_index[keep], return_inverse=True)
     matrix = sp.csr_matrix((ratings.ratings[keep], (rows, cols)), shape=(len(user_ids), len(kept_items)))
-    if matrix.nnz != int(keep.sum()):
-        raise DataError(f"{source}: the same (user, item) pair is rated more than once")
+    if matrix.nnz != int(keep.sum()):  # the CSR conversion summed a repeated (user, item) pair into one cell
+        raise _repeated_pair(ratings, where)
     matrix.sort_indices()
     return RatingMatrix(matrix, user_ids, item_ids[kept_items],
                         dropped_items=int((~keep_item).sum()), dropped_ratings=int((~keep).sum()))
+
+
+def _repeated_pair(ratings: Ratings, where: str) -> DataError:
+    """The error for the earliest rating whose (user, item) pair was rated before, citing both."""
+    position = np.arange(len(ratings.ratings))
+    order = np.lexsort((position, ratings.items, ratings.users))  # by pair, then by position
+    u, i = ratings.users[order], ratings.items[order]
+    repeats = np.flatnonzero((u[1:] == u[:-1]) & (i[1:] == i[:-1]))  # order[k + 1] repeats order[k]
+    k = repeats[np.argmin(order[repeats + 1])]
+    # the earliest repeat is its pair's second rating, so the one sorted just before it is the first
+    first, again = order[k], order[k + 1]
+    pair = f"user {ratings.users[again]}, item {ratings.items[again]} is rated again"
+    if ratings.path is None:
+        return DataError(f"{where}: {pair} (rating {again + 1}, first as rating {first + 1})")
+    return DataError(f"{where} line {ratings.first_line + again}: {pair} (first on line {ratings.first_line + first})")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,9 +313,14 @@ class Split(NamedTuple):
 def check_split(fold: int, n_folds: int, test_fraction: float, val_fraction: float) -> None:
     if not 0 <= fold < n_folds:
         raise DataError(f"data.fold={fold} is outside 0..{n_folds - 1}")
-    if not (0 < test_fraction < 1 and 0 <= val_fraction < 1):
-        raise DataError(f"need 0 < data.test_fraction < 1 and 0 <= data.val_fraction < 1, "
-                        f"got {test_fraction} and {val_fraction}")
+    if not (_is_number(test_fraction) and 0 < test_fraction < 1):
+        raise DataError(f"data.test_fraction={test_fraction}: must be > 0 and < 1")
+    if not (_is_number(val_fraction) and 0 < val_fraction < 1):
+        raise DataError(f"data.val_fraction={val_fraction}: must be > 0 and < 1 (validation drives early stopping)")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def split_ratings(n_ratings: int, fold: int, n_folds: int = 5, test_fraction: float = 0.2,
@@ -440,6 +510,9 @@ class MovieLensDataModule(L.LightningDataModule):
         if orientation not in ("item", "user"):
             raise DataError(f"data.orientation={orientation!r}: expected 'item' or 'user'")
         check_split(fold, n_folds, test_fraction, val_fraction)  # bad settings fail here, not at setup
+        for key, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+                raise DataError(f"data.{key}={size}: must be a positive integer")
         self.dataset, self.root, self.download = dataset, root, download
         self.min_item_ratings, self.orientation = min_item_ratings, orientation
         self.fold, self.n_folds, self.test_fraction, self.val_fraction = fold, n_folds, test_fraction, val_fraction
@@ -483,6 +556,10 @@ class MovieLensDataModule(L.LightningDataModule):
         rows, cols = (m.row, m.col) if self.orientation == "user" else (m.col, m.row)
         shape = m.shape if self.orientation == "user" else m.shape[::-1]
         split = split_ratings(m.nnz, self.fold, self.n_folds, self.test_fraction, self.val_fraction, self.seed)
+        if not all(len(indices) for indices in split):
+            raise DataError(f"{source}: {m.nnz} ratings are too few to split with data.test_fraction="
+                            f"{self.test_fraction} and data.val_fraction={self.val_fraction}: train "
+                            f"{len(split.train)}, validation {len(split.val)}, test {len(split.test)}")
 
         def part(*index_arrays: np.ndarray) -> sp.csr_matrix:
             i = np.concatenate(index_arrays)
@@ -495,6 +572,13 @@ class MovieLensDataModule(L.LightningDataModule):
         self.test_matrix = part(split.test)
         self.train_val_matrix = part(split.train, split.val)
         self.prepared = True
+
+    @property
+    def baseline_rmse(self) -> float:
+        """RMSE on the validation ratings of predicting the training part's mean rating: the reference a
+        diverging model is compared with."""
+        errors = self.val_matrix.data.astype(np.float64) - self.train_matrix.data.astype(np.float64).mean()
+        return float(np.sqrt(np.mean(errors**2)))
 
     @property
     def n_cols(self) -> int:

@@ -55,15 +55,21 @@ def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float
 
 
 def load_runs(client, experiment_id: str, study: str) -> list[dict]:
-    """One record per key (the latest FINISHED run): its tags, fold, metrics and run id."""
-    latest = {}
+    """One record per key (the latest FINISHED run): its tags, fold, metrics and run id. A study name that
+    holds runs on several datasets is reported on the dataset of its latest run, with a warning."""
+    latest, newest_dataset = {}, None
     for r in finished_study_runs(client, experiment_id, study):  # oldest first: a re-run replaces its key
         t, p = r.data.tags, r.data.params
-        latest[t["cfae.key"]] = {
+        newest_dataset = p.get("data/dataset")
+        latest[(t["cfae.key"], newest_dataset)] = {
             "run_id": r.info.run_id, "key": t["cfae.key"], "row": t.get("cfae.row"), "figure": t.get("cfae.figure"),
             "protocol": t.get("cfae.protocol"), "fold": int(p.get("data/fold", -1)), "params": p,
-            **{m: r.data.metrics.get(m, math.nan) for m in METRICS}}
-    return list(latest.values())
+            "dataset": newest_dataset, **{m: r.data.metrics.get(m, math.nan) for m in METRICS}}
+    others = sorted({str(r["dataset"]) for r in latest.values()} - {str(newest_dataset)})
+    if others:
+        log.warning("study %r also holds runs on %s: reporting those on %s (its latest); give a study on another "
+                    "dataset a name of its own (--name)", study, ", ".join(others), newest_dataset)
+    return [r for r in latest.values() if r["dataset"] == newest_dataset]
 
 
 def table(records: list[dict]) -> list[dict]:

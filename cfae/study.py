@@ -6,9 +6,11 @@
 
 Each run is what `python train.py +experiment=<row> data.fold=<k> <overrides>` would do, run in this
 process, and becomes an MLflow run tagged `cfae.study=<name>`, `cfae.key=<what it is>` (for example
-`deep/80-20/fold3` or `fig3_latent_size/fold0/hidden=300`), `cfae.protocol` and `cfae.figure`. A key that
-already has a FINISHED run in the study is skipped, so a study that dies resumes where it stopped; a run
-that fails is recorded (FAILED, with its error) and the study goes on. `python -m cfae.report` renders it.
+`deep/80-20/fold3` or `fig3_latent_size/fold0/hidden=300`), `cfae.protocol` and `cfae.figure`. A run is
+done when the study has a FINISHED run with the same key and the same resolved configuration (the run's
+`cfae.config` digest: dataset, split, model, optimizer, trainer, ...), so a study that dies resumes where it
+stopped and changed settings are run anew; a run that fails is recorded (FAILED, with its error) and the
+study goes on. `python -m cfae.report` renders it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cfae.tracking import finished_study_runs, mlflow_client
+from cfae.checks import check_config, reported_in_one_line
+from cfae.tracking import config_digest, finished_study_runs, mlflow_client
 from cfae.train import train
 
 log = logging.getLogger("cfae.study")
@@ -82,9 +85,11 @@ def compose_run(run: Run, name: str, overrides: list[str], output_root: Path) ->
     return cfg
 
 
-def finished_keys(name: str, uri: str | None, experiment_name: str) -> set[str]:
+def finished(name: str, uri: str | None, experiment_name: str) -> set[tuple[str, str]]:
+    """(key, config digest) of the study's FINISHED runs."""
     client, experiment_id = mlflow_client(uri, experiment_name)
-    return {r.data.tags["cfae.key"] for r in finished_study_runs(client, experiment_id, name)}
+    return {(r.data.tags["cfae.key"], r.data.tags.get("cfae.config", "")) for r in
+            finished_study_runs(client, experiment_id, name)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,21 +105,25 @@ def main(argv: list[str] | None = None) -> int:
     study = OmegaConf.load(args.config)
     name = args.name or study.name
     runs = plan(study, [int(f) for f in args.folds.split(",")] if args.folds else None)
-    probe = compose_run(runs[0], name, args.overrides, Path(args.output_dir) / name)
-    done = finished_keys(name, probe.logger.uri, probe.logger.experiment_name)
-    todo = [r for r in runs if r.key not in done]
+    configs = [compose_run(r, name, args.overrides, Path(args.output_dir) / name) for r in runs]
+    with reported_in_one_line():  # a bad value is refused before the first run, not in every run
+        for cfg in configs:
+            check_config(cfg)
+        done = finished(name, configs[0].logger.uri, configs[0].logger.experiment_name)
+    is_done = [(r.key, config_digest(c)) in done for r, c in zip(runs, configs)]
+    todo = [(r, c) for r, c, d in zip(runs, configs, is_done) if not d]
     log.info("study %r: %d runs, %d already finished, %d to run", name, len(runs), len(runs) - len(todo), len(todo))
     if args.dry_run:
-        for r in runs:
-            print(f"{'done' if r.key in done else 'todo'}  {r.key}  +experiment={r.experiment} {' '.join(r.overrides)}")
+        for r, d in zip(runs, is_done):
+            print(f"{'done' if d else 'todo'}  {r.key}  +experiment={r.experiment} {' '.join(r.overrides)}")
         return 0
     failed, start = [], time.perf_counter()
-    for i, run in enumerate(todo, 1):
+    for i, (run, cfg) in enumerate(todo, 1):
         elapsed = time.perf_counter() - start
         eta = f", about {elapsed / (i - 1) * (len(todo) - i + 1) / 60:.0f} min left" if i > 1 else ""
         log.info("[%d/%d] %s (%.0f min so far%s)", i, len(todo), run.key, elapsed / 60, eta)
         try:
-            train(compose_run(run, name, args.overrides, Path(args.output_dir) / name))
+            train(cfg)
         except Exception as err:  # recorded as FAILED in MLflow by train(); the study goes on
             log.error("%s failed: %s: %s", run.key, type(err).__name__, err)
             failed.append(run.key)

@@ -1,51 +1,133 @@
-"""Sweeps: a thin extension of hydra-optuna-sweeper, and the job-side pieces that talk to the study.
+"""The sweeper behind `python sweep.py -m ...`: Optuna's ask-and-tell loop, with trials launched as Hydra jobs.
 
-The official sweeper asks Optuna for trials, launches them as Hydra jobs and tells Optuna the returned
-objective. `CfaeOptunaSweeperImpl` keeps that loop and adds, around it:
+A Hydra Sweeper plugin (hydra_plugins/cfae_sweeper registers it) that takes the hydra-optuna-sweeper's
+configuration (`hydra.sweeper.*`: sampler, direction, storage, study_name, n_trials, n_jobs,
+max_failure_rate, params) and runs the study on Optuna's public API:
 
-- each job learns its trial (number, study, storage) and its MLflow parent run through overrides of the
-  `sweep.*` keys, so it can report per-epoch values for pruning and nest its MLflow run;
-- a discrete space (every swept parameter a `choice`) is walked by Optuna's GridSampler: each point once,
-  also across resumed runs of the same study;
-- parameters given on the command line replace the model's default search space (`search_space/`);
-- with a local launcher, each job of a parallel batch gets its own GPU (`trainer.devices=[k]`), or on a
-  CPU-only machine its share of the cores (`threads`); on a cluster (submitit, Ray) the cluster does;
-- a job that finished its trial itself (pruned) is not told again, and failures are counted over the
-  whole sweep against `max_failure_rate` (upstream counts within one batch, so one failure in a batch of
-  one would stop the sweep);
+- the search space comes from Hydra's override grammar (`choice`, `range`, `interval`, `tag(log, ...)`),
+  on the command line or in `hydra.sweeper.params` (conf/search_space/); a command line that sweeps
+  anything replaces the model's default space;
+- `n_trials` is the study's budget: a sweep runs trials until the study holds that many (finished,
+  running or waiting), so re-running a command that was stopped finishes it, and several processes on one
+  study share it. A space of `choice`s only is a grid: each point once, in order (enqueued);
+- the sampler is made anew for each trial, seeded from (`seed`, trial number): reproducible, and a resumed
+  or shared study draws new points instead of replaying the same sequence;
+- trials whose process died are failed and tried again (cfae/studies.py);
+- each job learns its trial, study, storage and MLflow parent through `sweep.*` overrides, reports every
+  epoch for pruning, and tells the study its own result; with a local launcher each job of a parallel batch
+  gets its own GPU, or its share of the CPU cores;
 - one MLflow parent run per sweep with the best value and params, a trials table and Optuna's plots.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import itertools
 import logging
 import math
 import os
-import random
 import tempfile
-import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import optuna
-import sqlalchemy.exc
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
-from lightning.pytorch.callbacks import Callback
+from hydra.core.override_parser.types import Override, Transformer
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from hydra.utils import instantiate
 from omegaconf import DictConfig
-from optuna.distributions import CategoricalDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.samplers import BaseSampler
 from optuna.trial import TrialState
 
+from cfae import studies
+from cfae.checks import ConfigError, check_config, reported_in_one_line
+from cfae.processes import this_process
+from cfae.stores import store_lock
 from cfae.tracking import mlflow_client
 
 log = logging.getLogger(__name__)
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+OBJECTIVE = "val/rmse_best"
 
 
+# -- the search space ------------------------------------------------------------------------------------
+def distribution(override: Override) -> BaseDistribution:
+    """The Optuna distribution of one sweep override: `choice(a,b)` or `a,b` categorical, `range(lo,hi,step)`
+    the stepped values below `hi` (as Python's range), `interval(lo,hi)` uniform, with `tag(log, ...)` on a
+    log scale; integer bounds give integers."""
+    value = override.value()
+    if override.is_choice_sweep() or (override.is_range_sweep() and value.shuffle):
+        return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
+    if override.is_range_sweep():
+        values = list(override.sweep_iterator())
+        if not values:
+            raise ConfigError(f"{override.input_line}: the range is empty")
+        if all(isinstance(v, int) for v in (value.start, value.stop, value.step)):
+            return IntDistribution(values[0], values[-1], step=value.step)
+        return FloatDistribution(values[0], values[-1], step=value.step)
+    if override.is_interval_sweep():
+        log_scale = "log" in value.tags
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return IntDistribution(value.start, value.end, log=log_scale)
+        return FloatDistribution(value.start, value.end, log=log_scale)
+    raise ConfigError(f"{override.input_line}: cannot sweep this (use choice, range or interval)")
+
+
+def search_space(arguments: Sequence[str]) -> tuple[dict[str, BaseDistribution], list[str]]:
+    """The swept parameters of `arguments` as distributions, and the fixed overrides every job gets."""
+    distributions, fixed = {}, []
+    for override in OverridesParser.create().parse_overrides(list(arguments)):
+        if override.is_sweep_override():
+            distributions[override.get_key_element()] = distribution(override)
+        else:
+            fixed.append(override.input_line)
+    return distributions, fixed
+
+
+def grid_of(distributions: dict[str, BaseDistribution]) -> dict[str, list] | None:
+    """The points of a space whose every parameter is a `choice`; None for a space to sample."""
+    if distributions and all(isinstance(d, CategoricalDistribution) for d in distributions.values()):
+        return {name: list(d.choices) for name, d in distributions.items()}
+    return None
+
+
+# -- sampling ----------------------------------------------------------------------------------------------
+class PerTrialSeeds(BaseSampler):
+    """A sampler made anew for each trial by `make(seed)`, its seed drawn from (`seed`, trial number).
+
+    One seed per process would replay the same proposals in every process: a resumed study repeats its first
+    points and two workers on one study propose the same ones. Seeding by trial number keeps a sweep
+    reproducible while every trial, in any process, draws differently.
+    """
+
+    def __init__(self, make: Callable[[int | None], BaseSampler], seed: int | None):
+        self.make, self.seed = make, seed
+        self.sampler = make(seed)
+
+    def before_trial(self, study, trial) -> None:
+        if self.seed is not None:
+            self.sampler = self.make(int(np.random.SeedSequence([self.seed, trial.number]).generate_state(1)[0]))
+        self.sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.sampler.after_trial(study, trial, state, values)
+
+
+# -- placing jobs --------------------------------------------------------------------------------------------
 def device_overrides(batch_size: int, n_gpus: int, n_cpus: int, parallel: int | None = None) -> list[tuple[str, ...]]:
     """Overrides placing each trial of a batch whose jobs run `parallel` at a time (default: all at once):
     one GPU each, round robin, when there are GPUs, else an equal share of the CPU cores."""
@@ -67,146 +149,154 @@ def local_parallelism(launcher: DictConfig) -> int | None:
     return None
 
 
-def has_sweep_overrides(arguments: list[str]) -> bool:
-    return any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(arguments))
+# -- the sweeper -----------------------------------------------------------------------------------------------
+class OptunaSweep(Sweeper):
+    def __init__(self, sampler: BaseSampler, direction: Any, storage: str | None, study_name: str, n_trials: int,
+                 n_jobs: int, max_failure_rate: float, search_space: Any, custom_search_space: str | None,
+                 params: DictConfig | None):
+        if search_space or custom_search_space:
+            raise ConfigError("hydra.sweeper.search_space and custom_search_space are not supported: "
+                              "give the space in hydra.sweeper.params (conf/search_space/) or on the command line")
+        self.storage_url, self.study_name = storage, study_name
+        self.direction = direction.name if hasattr(direction, "name") else str(direction)
+        self.n_trials, self.n_jobs, self.max_failure_rate, self.params = n_trials, n_jobs, max_failure_rate, params
 
-
-class CfaeOptunaSweeperImpl(OptunaSweeperImpl):
-    def setup(self, *, hydra_context, task_function, config) -> None:
-        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config, self.hydra_context = config, hydra_context
+        # The sampler's config, not the instance Hydra made of it: one is made for each trial (PerTrialSeeds).
+        self.sampler_config = config.hydra.sweeper.sampler
+        self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
+                                                                task_function=task_function)
         self.tracking_uri = config.logger.uri if config.get("logger") else None
-        self.track = bool(config.get("logger"))
-        if not self.storage:
-            raise ValueError("hydra.sweeper.storage must be a database URL (sqlite:///mlruns/optuna.db, "
-                             "postgresql://...): each trial reports to the study from its own job")
-        if isinstance(self.storage, str) and self.storage.startswith("sqlite:///"):
-            Path(self.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.max_failures = self.max_failure_rate
-        self.max_failure_rate = 1.0  # upstream's per-batch check off: ours counts the whole sweep
+        self.job_idx = 0
 
-    # -- the loop's inputs ------------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> None:
-        if has_sweep_overrides(arguments):  # the command line says what to sweep
-            self.params, self.search_space = None, None
-        self._process_searchspace_config()
-        distributions, _ = create_params_from_overrides(self._parse_sweeper_params_config() + list(arguments))
-        if not distributions:
-            raise ValueError("nothing to sweep: give parameters (hidden=300,500,750) or a model with a "
-                             "search space in conf/search_space/")
-        if all(isinstance(d, CategoricalDistribution) for d in distributions.values()):
-            seed = self.config.hydra.sweeper.sampler.get("seed")
-            self.sampler = functools.partial(optuna.samplers.GridSampler, seed=seed)
-            grid = {name: d.choices for name, d in distributions.items()}
-            self.n_trials = min(self.n_trials, self._grid_points_left(grid))
-            log.info("discrete space: grid of %d points, %d left to run",
-                     math.prod(len(c) for c in grid.values()), self.n_trials)
-        Path(self.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)  # even when no trial is left
-        self._create_study_once()
-        self.parent_run_id = self._start_parent_run() if self.track else None
-        status = "FAILED"
+        with reported_in_one_line():
+            distributions, fixed, grid = self.prepare(arguments)
+        study = self.open_study(grid)
+        parent = self.start_parent_run() if self.config.get("logger") else None
+        status, told = "FAILED", {"all": 0, "failed": 0}
         try:
-            with _tell_skips_finished_trials(self.max_failures):
-                try:
-                    super().sweep(arguments)
-                except ValueError:  # upstream's summary asks for a best trial, and there may be none
-                    if self._load_study().get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                        raise
-                    log.warning("no trial completed (all pruned or failed): the study has no best value")
+            while batch := self.ask_batch(study, distributions, grid):
+                self.run_batch(study, batch, fixed, parent, told)
             status = "FINISHED"
+        except BaseException as err:
+            status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+            raise
         finally:
-            if self.parent_run_id:
-                summarise_study(self._load_study(), self.parent_run_id, self.tracking_uri, status)
+            if parent:
+                summarise_study(study, parent, self.tracking_uri, status)
+        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            log.warning("no trial completed (all pruned or failed): the study has no best value")
 
-    def _configure_trials(self, trials, search_space_distributions, fixed_params):
-        overrides = super()._configure_trials(trials, search_space_distributions, fixed_params)
-        parallel = local_parallelism(self.config.hydra.launcher)
-        if parallel is None:
-            placement = [()] * len(trials)
-        else:
-            placement = device_overrides(len(trials), torch.cuda.device_count(), os.cpu_count() or 1, parallel)
-        return [
-            (*o, f"sweep.trial={t.number}", f"sweep.study='{self.study_name}'", f"sweep.storage='{self.storage}'",
-             f"sweep.parent_run_id={self.parent_run_id or 'null'}", *where)
-            for t, o, where in zip(trials, overrides, placement)
-        ]
+    def prepare(self, arguments: list[str]) -> tuple[dict[str, BaseDistribution], list[str], dict | None]:
+        """The space, the fixed overrides and the grid, with every fixed value checked before a trial runs."""
+        if not self.storage_url:
+            raise ConfigError("hydra.sweeper.storage must be a database URL (sqlite:///mlruns/optuna.db, "
+                              "postgresql://...): each trial reports to the study from its own job")
+        swept_on_command_line = bool(search_space(arguments)[0])
+        configured = [] if swept_on_command_line else [f"{k}={v}" for k, v in (self.params or {}).items()]
+        distributions, fixed = search_space([*configured, *arguments])
+        if not distributions:
+            raise ConfigError("nothing to sweep: give parameters (hidden=300,500,750) or a model with a "
+                              "search space in conf/search_space/")
+        check_config(self.config)
+        if self.config.get("logger"):
+            mlflow_client(self.tracking_uri)  # a server that does not answer is said now, in one line
+        return distributions, fixed, grid_of(distributions)
 
-    # -- helpers ----------------------------------------------------------------------------------
-    def _create_study_once(self, tries: int = 5) -> None:
-        """Create (or find) the study before the loop does. Workers started together against a new
-        database race to create Optuna's tables; the losers retry once the winner has made them."""
-        for attempt in range(tries):
-            try:
-                optuna.create_study(study_name=self.study_name, storage=self.storage, load_if_exists=True,
-                                    directions=self._get_directions())
-                return
-            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
-                if attempt == tries - 1:
-                    raise
-                time.sleep(0.5 + random.random())
-
-    def _load_study(self) -> optuna.Study:
-        return optuna.load_study(study_name=self.study_name, storage=self.storage)
-
-    def _grid_points_left(self, grid: dict[str, list]) -> int:
-        """Grid points not yet finished in this study (a resumed sweep does not repeat them)."""
-        points = set(itertools.product(*grid.values()))
-        try:
-            study = self._load_study()
-        except KeyError:  # a new study
-            return len(points)
-        done = {tuple(t.params.get(k) for k in grid) for t in study.get_trials(deepcopy=False, states=FINISHED)}
-        return len(points - done)
-
-    def _start_parent_run(self) -> str:
-        client, experiment_id = mlflow_client(self.tracking_uri)
-        run = client.create_run(experiment_id, run_name=f"sweep-{self.study_name}",
-                                tags={"cfae.sweep": self.study_name, "optuna.storage": str(self.storage)})
-        return run.info.run_id
-
-
-@contextlib.contextmanager
-def _tell_skips_finished_trials(max_failure_rate: float, min_trials: int = 4):
-    """While the upstream loop runs: `study.tell` leaves alone a trial its job already finished (pruned),
-    and raises once failures exceed `max_failure_rate` of the trials told (after `min_trials`)."""
-    real_create_study = optuna.create_study
-    told = {"all": 0, "failed": 0}
-
-    def create_study(*args, **kwargs):
-        study = real_create_study(*args, **kwargs)
-        real_tell = study.tell
-
-        def tell(trial, values=None, state=None, **_):
-            try:
-                real_tell(trial, values=values, state=state, skip_if_finished=True)
-            except RuntimeError as err:  # GridSampler calls study.stop() once its last point is told
-                if "Study.stop" not in str(err):
-                    raise
-            told["all"] += 1
-            told["failed"] += state == TrialState.FAIL
-            if told["all"] >= min_trials and told["failed"] / told["all"] > max_failure_rate:
-                raise RuntimeError(f"{told['failed']} of {told['all']} trials failed, more than "
-                                   f"max_failure_rate={max_failure_rate}: stopping the sweep")
-
-        study.tell = tell
+    def open_study(self, grid: dict | None) -> optuna.Study:
+        seed = self.sampler_config.get("seed")
+        make = lambda s: instantiate(self.sampler_config, seed=s)  # noqa: E731  (a grid's points are enqueued)
+        self.storage = studies.database(self.storage_url)
+        with store_lock(self.storage_url):  # one process at a time creates the study and recovers trials
+            study = optuna.create_study(study_name=self.study_name, storage=self.storage, load_if_exists=True,
+                                        direction=self.direction, sampler=PerTrialSeeds(make, seed))
+            dead = studies.fail_dead_trials(study)
+        if dead:
+            log.info("trials %s had lost their process: failed, their points to be tried again", dead)
+        log.info("study %s in %s, %s", self.study_name, self.storage_url,
+                 f"a grid of {math.prod(len(v) for v in grid.values())} points" if grid else
+                 f"sampled by {self.sampler_config._target_.rsplit('.', 1)[-1]}")
         return study
 
-    optuna.create_study = create_study
-    try:
-        yield
-    finally:
-        optuna.create_study = real_create_study
+    def ask_batch(self, study: optuna.Study, distributions: dict, grid: dict | None) -> list[optuna.Trial]:
+        """Up to n_jobs new trials, as many as the study's budget (and the grid) leave; none when done.
+        Waiting trials (points to try again) come first; a grid's next points are enqueued, in order."""
+        with store_lock(self.storage_url):  # workers on one machine count and ask one at a time
+            studies.fail_dead_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            used = [t for t in trials if studies.counts_against_budget(t)]
+            left = self.n_trials - len(used)
+            if grid is not None:
+                taken = {tuple(t.params.get(k) for k in grid) for t in trials
+                         if studies.counts_against_budget(t) or t.state == TrialState.WAITING}
+                free = [point for point in itertools.product(*grid.values()) if point not in taken]
+                waiting = sum(t.state == TrialState.WAITING for t in trials)
+                left = min(left, len(free) + waiting)
+                for point in free[:max(0, min(self.n_jobs, left) - waiting)]:
+                    study.enqueue_trial(dict(zip(grid, point)))
+            n = min(self.n_jobs, left)
+            if n <= 0:
+                log.info("study %s: nothing left to run (n_trials=%d)", self.study_name, self.n_trials)
+                return []
+            return [studies.ask(study, distributions) for _ in range(n)]
+
+    def run_batch(self, study, trials: list[optuna.Trial], fixed: list[str], parent: str | None, told: dict) -> None:
+        placement = self.placement(len(trials))
+        overrides = [
+            (*fixed, *(f"{name}={value}" for name, value in trial.params.items()), f"sweep.trial={trial.number}",
+             f"sweep.study='{self.study_name}'", f"sweep.storage='{self.storage_url}'",
+             f"sweep.parent_run_id={parent or 'null'}", *where)
+            for trial, where in zip(trials, placement)
+        ]
+        try:
+            returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+        except BaseException:  # interrupted: these trials are failed and tried again next time
+            for trial in trials:
+                study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+                studies.retry(study, study.trials[trial.number])
+            raise
+        self.job_idx += len(returns)
+        running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        for trial, ret in zip(trials, returns):
+            try:
+                value = float(ret.return_value)  # raises the job's own exception, if it had one
+            except Exception as err:
+                trial.set_user_attr(studies.ERROR, f"{type(err).__name__}: {err}"[:2000])
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                told["failed"] += 1
+                log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, str(err).splitlines()[0])
+            else:
+                if trial.number in running:  # a job tells its own result; this one ran elsewhere and could not
+                    study.tell(trial, value)
+            told["all"] += 1
+        if told["all"] >= 4 and told["failed"] / told["all"] > self.max_failure_rate:
+            raise RuntimeError(f"{told['failed']} of {told['all']} trials failed, more than "
+                               f"max_failure_rate={self.max_failure_rate}: stopping the sweep")
+
+    def placement(self, batch_size: int) -> list[tuple[str, ...]]:
+        parallel = local_parallelism(self.config.hydra.launcher)
+        if parallel is None:
+            return [()] * batch_size
+        return device_overrides(batch_size, torch.cuda.device_count(), os.cpu_count() or 1, parallel)
+
+    def start_parent_run(self) -> str:
+        client, experiment_id = mlflow_client(self.tracking_uri)
+        run = client.create_run(experiment_id, run_name=f"sweep-{self.study_name}",
+                                tags={"cfae.sweep": self.study_name, "optuna.storage": str(self.storage_url),
+                                      "cfae.process": this_process()})
+        return run.info.run_id
 
 
 def summarise_study(study: optuna.Study, parent_run_id: str, uri: str | None, status: str) -> None:
     """Best value and params, trial counts, the trials table and Optuna's plots on the parent run."""
     client, _ = mlflow_client(uri)
     trials = study.get_trials(deepcopy=False)
-    counts = {state.name.lower(): sum(t.state == state for t in trials) for state in FINISHED}
-    for name, n in counts.items():
-        client.log_metric(parent_run_id, f"trials/{name}", n)
-    completed = [t for t in trials if t.state == TrialState.COMPLETE]
-    if completed:
-        client.log_metric(parent_run_id, "best/val/rmse_best", study.best_value)
+    for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+        client.log_metric(parent_run_id, f"trials/{state.name.lower()}", sum(t.state == state for t in trials))
+    if any(t.state == TrialState.COMPLETE for t in trials):
+        client.log_metric(parent_run_id, f"best/{OBJECTIVE}", study.best_value)
         for name, value in study.best_params.items():
             client.log_param(parent_run_id, f"best/{name}", value)
         client.set_tag(parent_run_id, "best_trial", study.best_trial.number)
@@ -243,28 +333,3 @@ def _plots(study: optuna.Study, folder: Path) -> list[Path]:
         plt.close(figure)
     return made
 
-
-# ----------------------------------------------------------------------------------------------------
-# In the job
-
-
-class OptunaPruning(Callback):
-    """Reports `val/rmse` after each validation to the job's trial and stops training once the study's
-    pruner says the trial is clearly worse than the others at the same epoch."""
-
-    def __init__(self, study_name: str, storage: str, trial_number: int, pruner: optuna.pruners.BasePruner):
-        self.study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
-        trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, trial_number)
-        self.trial = optuna.Trial(self.study, trial_id)
-        self.trial_number, self.pruned = trial_number, False
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or "val/rmse" not in trainer.callback_metrics:
-            return
-        self.trial.report(float(trainer.callback_metrics["val/rmse"]), step=trainer.current_epoch)
-        if self.trial.should_prune():
-            log.info("trial %d pruned at epoch %d", self.trial_number, trainer.current_epoch)
-            self.pruned, trainer.should_stop = True, True
-
-    def finish_pruned(self) -> None:
-        self.study.tell(self.trial_number, state=TrialState.PRUNED)

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from cfae.processes import has_died, this_process
+from cfae.stores import check_server, store_lock
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"  # MLflow >= 3.13 refuses a plain folder store
 
@@ -26,22 +36,95 @@ def artifact_location(uri: str) -> str | None:
     return (db.parent.resolve() / "artifacts").as_uri()
 
 
+class RunLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger, except that a store which stops taking writes (a locked or full database,
+    a server gone) does not end the training: metrics that could not be written are kept and sent with the
+    next write that goes through, and `flush()` tells whether any are still waiting."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pending: list[tuple[Mapping[str, float], int | None]] = []
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.pending.append((dict(metrics), step))
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send what is waiting; whether everything went through."""
+        while self.pending:
+            try:
+                super().log_metrics(*self.pending[0])
+            except Exception as err:  # MlflowException, sqlalchemy's OperationalError, a broken connection
+                if len(self.pending) == 1:  # say it once per outage, not at every step
+                    log.warning("the tracking store does not take metrics (%s); training goes on and they "
+                                "are sent when it does", str(err).splitlines()[0])
+                return False
+            self.pending.pop(0)
+        return True
+
+
 def mlflow_logger(experiment_name: str = "cfae", run_name: str | None = None, uri: str | None = None,
-                  tags: dict[str, str] | None = None) -> MLFlowLogger:
+                  tags: dict[str, str] | None = None) -> RunLogger:
     uri = tracking_uri(uri)
-    return MLFlowLogger(experiment_name=experiment_name, run_name=run_name, tracking_uri=uri, tags=tags,
-                        artifact_location=artifact_location(uri), log_model=False)
+    mlflow_client(uri, experiment_name)  # the store and the experiment exist before the logger looks
+    return RunLogger(experiment_name=experiment_name, run_name=run_name, tracking_uri=uri,
+                     tags={**(tags or {}), "cfae.process": this_process()},
+                     artifact_location=artifact_location(uri), log_model=False)
 
 
 def mlflow_client(uri: str | None = None, experiment_name: str = "cfae") -> tuple[MlflowClient, str]:
     """A client on the store, and the id of `experiment_name` there (created, with artifacts beside a
-    sqlite store, if it does not exist yet)."""
+    sqlite store, if it does not exist yet). Processes starting together on a new sqlite store create it
+    one at a time; a server is asked once, with a short timeout, whether it answers. Runs left RUNNING by a
+    process that has died are marked FAILED on the way."""
     uri = tracking_uri(uri)
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is not None:
-        return client, experiment.experiment_id
-    return client, client.create_experiment(experiment_name, artifact_location=artifact_location(uri))
+    check_server(uri)
+    with store_lock(uri):
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            experiment_id = client.create_experiment(experiment_name, artifact_location=artifact_location(uri))
+        else:
+            experiment_id = experiment.experiment_id
+    close_dead_runs(client, experiment_id)
+    return client, experiment_id
+
+
+def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark FAILED, with an `error` tag, the RUNNING runs whose process (tag `cfae.process`) is known to have
+    ended without closing them (kill -9, out of memory); the ids of those runs."""
+    closed = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000):
+        process = run.data.tags.get("cfae.process")
+        if process and has_died(process):
+            client.set_tag(run.info.run_id, "error", f"its process ({process}) ended without closing it: "
+                                                     "killed, out of memory or crashed")
+            client.set_terminated(run.info.run_id, "FAILED")
+            closed.append(run.info.run_id)
+    if closed:
+        log.info("marked %d run(s) of dead processes FAILED: %s", len(closed), ", ".join(closed))
+    return closed
+
+
+# Keys that change where a run writes or how it reports, never what it computes.
+NOT_THE_RESULT = ("output_dir", "logger", "resume", "threads", "keep_freed_memory", "checkpoint_every_s",
+                  "sweep", "choices", "trainer.enable_progress_bar", "data.root", "data.download",
+                  "data.num_workers")
+
+
+def config_digest(cfg: DictConfig) -> str:
+    """A short hash of the resolved configuration that decides a run's result: dataset, split, model,
+    optimizer, trainer and the rest, without where it writes (`NOT_THE_RESULT`)."""
+    config = OmegaConf.to_container(cfg, resolve=False)  # dropped first: output_dir may need Hydra to resolve
+    for key in NOT_THE_RESULT:
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node.get(parent) or {}
+        node.pop(leaf, None)
+    resolved = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+    return hashlib.sha256(OmegaConf.to_yaml(resolved).encode()).hexdigest()[:16]
 
 
 def finished_study_runs(client: MlflowClient, experiment_id: str, study: str) -> list:

@@ -2,46 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
+import signal
 import sys
+import threading
 import time
-from datetime import timedelta
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import optuna
 import torch
+from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from cfae.callbacks import DivergenceGuard, EpochTimer, LastCheckpoint, TrialReporting
+from cfae.checks import ConfigError, UsageError, check_config, check_model_fits_data
 from cfae.ranking import evaluate_ranking
-from cfae.sweep import OptunaPruning
-from cfae.tracking import git_commit
+from cfae.studies import heartbeat, job_trial
+from cfae.tracking import config_digest, git_commit, mlflow_client, tracking_uri
 
 log = logging.getLogger(__name__)
 
 OBJECTIVE = "val/rmse_best"  # what checkpointing, early stopping (via val/rmse) and sweeps optimise
-
-
-class EpochTimer(Callback):
-    """Logs `time/epoch_s`, the wall time of each training epoch (validation excluded), and keeps them
-    in `times`."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self.start: float | None = None
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.start is None:  # resumed from a checkpoint taken at the end of an epoch: nothing timed
-            return
-        self.times.append(time.perf_counter() - self.start)
-        pl_module.log("time/epoch_s", self.times[-1])
 
 
 def keep_freed_memory() -> bool:
@@ -77,14 +67,61 @@ def model_name(cfg: DictConfig) -> str:
     return choice(cfg, "model") or cfg.model._target_.rsplit(".", 1)[-1].lower()
 
 
-def start_run(cfg: DictConfig, datamodule, output_dir: Path):
+
+def build(node: DictConfig, **kwargs):
+    """`instantiate`, with a UsageError from the constructor raised as itself (one line) rather than
+    wrapped in Hydra's multi-line InstantiationException."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, UsageError):
+            raise err.__cause__ from None
+        raise
+
+
+@contextlib.contextmanager
+def claimed(output_dir: Path) -> Iterator[None]:
+    """Hold `output_dir` for this run: a second run given the same folder while this one runs is refused
+    instead of mixing its checkpoints and config with ours."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(output_dir / ".run.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"output_dir={output_dir} is in use by another run") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def sigterm_raises(fitting: list[bool]) -> Iterator[None]:
+    """Outside `trainer.fit`, SIGTERM raises SIGTERMException, as Lightning's loops do inside it (between
+    steps, after its own handler has noted the signal), so that every phase ends the run the same way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame) -> None:
+        if not fitting[0]:
+            raise SIGTERMException(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def start_run(cfg: DictConfig, datamodule):
     """The MLflow logger of this run (False without one), carrying the resolved config, the dataset's
-    statistics and checksum, the git commit and, in a sweep, the trial and its parent run."""
+    statistics and checksum, the git commit, the config's digest and, in a sweep, the trial and its parent."""
     if not cfg.get("logger"):
         return False
     sweep, name = cfg.get("sweep") or {}, model_name(cfg)
     run_name = f"{name}-{cfg.data.dataset}-{cfg.data.orientation}-fold{cfg.data.fold}"
-    tags = {**(cfg.logger.get("tags") or {}), "cfae.model": name}
+    tags = {**(cfg.logger.get("tags") or {}), "cfae.model": name, "cfae.config": config_digest(cfg)}
     if choice(cfg, "experiment"):  # a row of the study (conf/experiment/)
         tags["cfae.row"] = choice(cfg, "experiment")
     if sweep.get("trial") is not None:
@@ -96,69 +133,119 @@ def start_run(cfg: DictConfig, datamodule, output_dir: Path):
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     logger.log_hyperparams({f"dataset/{k}": v for k, v in datamodule.stats.items()})
     logger.experiment.set_tag(logger.run_id, "mlflow.source.git.commit", git_commit())
-    config_file = output_dir / "config.yaml"
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, config_file, resolve=True)
-    logger.experiment.log_artifact(logger.run_id, str(config_file))
     return logger
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal (SIGTERM, Ctrl-C) after saving its state."""
+
+    def __init__(self, signum: signal.Signals):
+        super().__init__(signum.name)
+        self.signum = signum
+
+
+def interruption(err: BaseException, last: LastCheckpoint) -> signal.Signals | None:
+    """The signal that ended the run, if a signal did."""
+    if last.interrupt is not None:
+        return last.interrupt
+    if isinstance(err, SIGTERMException):
+        return signal.SIGTERM
+    return signal.SIGINT if isinstance(err, KeyboardInterrupt) else None
+
+
+def end_run(logger, err: BaseException, signum: signal.Signals | None) -> None:
+    """Close a run that did not finish: KILLED when interrupted, else FAILED, with an `error` tag saying what."""
+    if signum is not None:
+        status, error = "KILLED", f"interrupted ({signum.name})"
+    else:
+        status, error = "FAILED", f"{type(err).__name__}: {err}"[:5000]
+    with contextlib.suppress(Exception):  # a store that is down cannot be told; the next sweep or study will
+        logger.experiment.set_tag(logger.run_id, "error", error)
+        logger.experiment.set_terminated(logger.run_id, status)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit on the training part, early-stop on `val/rmse`, evaluate the best checkpoint on the test part.
 
+    Every value is checked before data loads, and every run ends FINISHED, FAILED (with an `error` tag) or
+    KILLED (SIGTERM, Ctrl-C: the training state is saved first, and the process exits with 128 + signal).
     In a sweep (`cfg.sweep.trial` set) the run nests under the sweep's MLflow run, reports `val/rmse` to
-    its Optuna trial each epoch, and stops early without a test if the pruner says so.
+    its Optuna trial each epoch, stops early without a test if the pruner says so, and tells the trial
+    its result.
     """
-    L.seed_everything(cfg.seed, workers=True)
-    if cfg.keep_freed_memory:
-        keep_freed_memory()
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg.threads)
+    check_config(cfg)
+    if cfg.get("logger"):
+        mlflow_client(tracking_uri(cfg.logger.uri), cfg.logger.experiment_name)  # the store answers and exists
     output_dir = Path(cfg.output_dir)
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")
-    # The one place where the data shapes the model: its width, its number of rows and the rating scale.
-    rating_min, rating_max = datamodule.rating_range
-    model = instantiate(cfg.model, n_inputs=datamodule.n_cols, n_rows=datamodule.n_rows, rating_min=rating_min,
-                        rating_max=rating_max, optimizer=instantiate(cfg.optimizer),
-                        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None)
-    logger = start_run(cfg, datamodule, output_dir)
+    fitting = [False]
+    with claimed(output_dir), sigterm_raises(fitting):
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        if cfg.keep_freed_memory:
+            keep_freed_memory()
+        if cfg.get("threads"):
+            torch.set_num_threads(cfg.threads)
+        datamodule = build(cfg.data)
+        datamodule.setup("fit")
+        # The one place where the data shapes the model: its width, its number of rows and the rating scale.
+        check_model_fits_data(cfg, datamodule.n_rows, datamodule.n_cols)
+        rating_min, rating_max = datamodule.rating_range
+        model = build(cfg.model, n_inputs=datamodule.n_cols, n_rows=datamodule.n_rows, rating_min=rating_min,
+                      rating_max=rating_max, optimizer=instantiate(cfg.optimizer),
+                      scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None)
+        sweep = cfg.get("sweep") or {}
+        trial = storage = None
+        if sweep.get("trial") is not None:  # report every epoch; with no pruner that only records the curve
+            pruner = instantiate(sweep.pruner) if sweep.get("pruner") else optuna.pruners.NopPruner()
+            trial, storage = job_trial(sweep.study, sweep.storage, sweep.trial, pruner)
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+        last = LastCheckpoint(output_dir / "checkpoints" / "last.ckpt", cfg.checkpoint_every_s)
+        logger = False
+        try:
+            logger = start_run(cfg, datamodule)
+            with heartbeat(trial, storage) if trial else contextlib.nullcontext():
+                metrics = fit_and_test(cfg, model, datamodule, logger, last, trial, fitting)
+        except BaseException as err:
+            signum = interruption(err, last)
+            if logger:
+                end_run(logger, err, signum)
+            if signum is not None:
+                saved = f"; resume={last.path}" if last.path.is_file() else ""
+                log.error("stopped by %s%s", signum.name, saved)
+                raise SystemExit(128 + signum) from None
+            raise
+    return metrics
 
+
+def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoint, trial: optuna.Trial | None,
+                 fitting: list[bool]) -> dict[str, float]:
+    output_dir = Path(cfg.output_dir)
     # The best weights at each improvement (weights only: 24 MB for ML-1M AutoRec, written in a third of the
-    # time of the 72 MB full state); the full state for `resume` at most every `checkpoint_every_s` seconds.
-    # Writing both every epoch took 0.4 s, more than the ML-1M epoch itself.
+    # time of the 72 MB full state); the full state for `resume` after the first epoch, then at most every
+    # `checkpoint_every_s` seconds (LastCheckpoint). Writing both every epoch took longer than an ML-1M epoch.
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor="val/rmse",
-                                 mode="min", save_top_k=1, save_weights_only=True)
-    latest = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last", enable_version_counter=False,
-                             train_time_interval=timedelta(seconds=cfg.checkpoint_every_s))
-    callbacks = [checkpoint, latest, EarlyStopping(monitor="val/rmse", mode="min", patience=cfg.patience), EpochTimer()]
+                                 mode="min", save_top_k=1, save_weights_only=True, enable_version_counter=False)
+    rating_min, rating_max = datamodule.rating_range
+    callbacks = [checkpoint, last, EarlyStopping(monitor="val/rmse", mode="min", patience=cfg.patience),
+                 EpochTimer(), DivergenceGuard(datamodule.baseline_rmse, rating_min, rating_max)]
     if cfg.get("scheduler") and logger:
         callbacks.append(LearningRateMonitor("epoch"))  # the schedule, epoch by epoch, in MLflow
-    sweep = cfg.get("sweep") or {}
-    pruning = None
-    if sweep.get("trial") is not None:  # report every epoch; with no pruner that only records the curve
-        pruner = instantiate(sweep.pruner) if sweep.get("pruner") else optuna.pruners.NopPruner()
-        pruning = OptunaPruning(sweep.study, sweep.storage, sweep.trial, pruner)
-        callbacks.append(pruning)
+    reporting = TrialReporting(trial) if trial else None
+    if reporting:
+        callbacks.append(reporting)
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
-    resume = cfg.resume
-    if resume and not Path(resume).is_file():
-        raise FileNotFoundError(f"resume={resume}: no such checkpoint (a run's full state is "
-                                f"<its output dir>/checkpoints/last.ckpt)")
 
     start = time.perf_counter()
+    fitting[0] = True
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)  # on an exception Lightning marks the run FAILED
-    except Exception as err:
-        if logger:
-            logger.experiment.set_tag(logger.run_id, "error", f"{type(err).__name__}: {err}"[:5000])
-        raise
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.resume)
+    finally:
+        fitting[0] = False
+    if last.interrupt is not None:  # stopped by a signal at the end of a batch; the state is saved
+        raise Interrupted(last.interrupt)
     metrics = {OBJECTIVE: float(model.val_rmse_best.compute()), "time/fit_s": time.perf_counter() - start,
                "epochs": trainer.current_epoch}
-    pruned = pruning is not None and pruning.pruned
-    if pruned:  # no test for a trial the sweep gave up on
-        pruning.finish_pruned()
-    else:
+    pruned = reporting is not None and reporting.pruned
+    if not pruned:  # no test for a trial the sweep gave up on
         test = trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False)[0]
         metrics["test/rmse"] = float(test["test/rmse"])
         if cfg.get("ranking"):  # on the best checkpoint, which trainer.test has loaded into the model
@@ -166,11 +253,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics.update({f"test/{k}": v for k, v in (ranking or {}).items()})
     if logger:
         logger.log_metrics({k: v for k, v in metrics.items() if k != "test/rmse"})
-        if pruning is not None:
+        if trial is not None:
             logger.experiment.set_tag(logger.run_id, "optuna.state", "PRUNED" if pruned else "COMPLETE")
         if not pruned:
             logger.experiment.log_artifact(logger.run_id, checkpoint.best_model_path, "checkpoints")
+        logger.experiment.log_artifact(logger.run_id, str(output_dir / "config.yaml"))
+        if not logger.flush():
+            raise RuntimeError("the tracking store still does not take this run's metrics; its checkpoints "
+                               f"are in {output_dir / 'checkpoints'}")
         logger.finalize("KILLED" if pruned else "success")
+    if trial is not None:  # the job tells its own result: the study has it even if the sweeper dies now
+        if pruned:
+            trial.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            trial.study.tell(trial, metrics[OBJECTIVE])
     log.info("%s: val/rmse_best=%.4f test/rmse=%s epochs=%d fit=%.1fs (best checkpoint %s)",
              "pruned" if pruned else "done", metrics[OBJECTIVE], f"{metrics.get('test/rmse', float('nan')):.4f}",
              metrics["epochs"], metrics["time/fit_s"], checkpoint.best_model_path)

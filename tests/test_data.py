@@ -59,37 +59,134 @@ def test_every_dataset_format_loads_through_the_data_module(tmp_path, name):
     assert dm.rating_range == (spec.rating_min, 5.0)
 
 
+def read_error(path, text: str, separator: str = "::", **kwargs) -> str:
+    """The message read_ratings gives for a file holding `text`."""
+    path.write_text(text)
+    with pytest.raises(DataError) as err:
+        read_ratings(path, separator, **kwargs)
+    return str(err.value)
+
+
 def test_csv_header_is_skipped_but_counted_in_line_numbers(tmp_path):
     path = tmp_path / "ratings.csv"
-    path.write_text("userId,movieId,rating,timestamp\n1,10,4.5,1\n1,11,5.5,2\n")
-    with pytest.raises(DataError, match=rf"{path}:3: .*rating 5.5 outside \[0.5, 5\]"):
-        read_ratings(path, ",", header=True, rating_min=0.5)
+    got = read_error(path, "userId,movieId,rating,timestamp\n1,10,4.5,1\n1,11,5.5,2\n", ",", header=True,
+                     rating_min=0.5)
+    assert got == f"{path} line 3: rating 5.5 outside [0.5, 5]: '1,11,5.5,2'"
 
 
-def test_malformed_line_names_file_and_line(tmp_path):
+def test_header_line_counts_in_the_line_numbers_of_ratings(tmp_path):
+    path = tmp_path / "ratings.csv"
+    path.write_text("userId,movieId,rating,timestamp\n1,10,4.5,1\n")
+    got = read_ratings(path, ",", header=True, rating_min=0.5)
+    assert got.path == path and got.first_line == 2  # rating 0 is on line 2
+
+
+LINES = "1::10::5::978300760\n1::11::4::978300761\n"
+
+
+@pytest.mark.parametrize("text,message", [
+    (LINES + "2::12::oops::978300762\n",
+     "line 3: user and item must be integers and the rating a number: '2::12::oops::978300762'"),
+    (LINES + "6040::1097::4",  # the last line lost its timestamp (and its newline)
+     "line 3: expected 4 fields separated by '::', got 3: '6040::1097::4'"),
+    (LINES + "6040::1097::4\n\n",
+     "line 3: expected 4 fields separated by '::', got 3: '6040::1097::4'"),
+    ("1::10::5::978300760\n1::11\n", "line 2: expected 4 fields separated by '::', got 2: '1::11'"),
+    ("1::10::5::1\n1::11::6::2\n", "line 2: rating 6 outside [1, 5]: '1::11::6::2'"),
+    ("1::10::5::1\n1::11::nan::2\n", "line 2: rating nan outside [1, 5]: '1::11::nan::2'"),
+    (LINES + "\n2::12::3::978300762\n", "line 3 is blank (only blank lines at the end of the file are ignored)"),
+    ("\n" + LINES, "line 1 is blank (only blank lines at the end of the file are ignored)"),
+    # a bad first line is blamed, not the good lines that follow it
+    ("1::10::5\n" + LINES, "line 1: expected 4 fields separated by '::', got 3: '1::10::5'"),
+    ("1::10::5::1::x\n2::10::5::1::x\n", "line 1: expected 3 or 4 fields separated by '::', got 5: '1::10::5::1::x'"),
+    ("1::10::5::1\n2::10::5::1::9\n", "line 2: expected 4 fields separated by '::', got 5: '2::10::5::1::9'"),
+    (LINES + "2::12::3::9783007622::13::4::978300763\n",  # a lost newline joins two lines
+     "line 3: expected 4 fields separated by '::', got 7: '2::12::3::9783007622::13::4::978300763'"),
+    ("1::10::5::1\n99999999999999999999::11::4::2\n",
+     "line 2: user or item id out of the 64-bit integer range: '99999999999999999999::11::4::2'"),
+    ("1::10::5::1\n1::1.5::4::2\n", "line 2: user and item must be integers and the rating a number: '1::1.5::4::2'"),
+])
+def test_every_malformed_line_is_named_with_its_number_and_text(tmp_path, text, message):
     path = tmp_path / "ratings.dat"
-    path.write_text("1::10::5::978300760\n1::11::4::978300761\n2::12::oops::978300762\n")
-    with pytest.raises(DataError, match=rf"{path}:3: .*rating a number"):
-        read_ratings(path, "::")
+    assert read_error(path, text) == f"{path} {message}"
 
 
-def test_wrong_field_count_names_the_line(tmp_path):
+@pytest.mark.parametrize("text", ["", "\n", "\n\n  \n", " \t\r\n"])
+def test_an_empty_file_says_so(tmp_path, text):
     path = tmp_path / "ratings.dat"
-    path.write_text("1::10::5::978300760\n1::11\n")
-    with pytest.raises(DataError, match=rf"{path}:2: .*expected 3 or 4 fields"):
-        read_ratings(path, "::")
+    assert read_error(path, text) == f"{path}: the file is empty (no ratings)"
 
 
-def test_rating_out_of_range_names_the_line(tmp_path):
+def test_a_header_without_ratings_says_so(tmp_path):
+    path = tmp_path / "ratings.csv"
+    assert read_error(path, "userId,movieId,rating,timestamp\n\n", ",", header=True) == (
+        f"{path}: no ratings below the header line")
+
+
+@pytest.mark.parametrize("tail", ["", "\n", "\n\n\n", "\n  \n\t\n", "\r\n\r\n"])
+def test_blank_lines_at_the_end_are_ignored(tmp_path, tail):
     path = tmp_path / "ratings.dat"
-    path.write_text("1::10::5::1\n1::11::6::2\n")
-    with pytest.raises(DataError, match=rf"{path}:2: .*rating 6 outside \[1, 5\]"):
-        read_ratings(path, "::")
+    path.write_text("1::10::5::1\r\n2::10::3::2\r\n2::11::4::3" + tail)
+    got = read_ratings(path, "::")
+    assert got.users.tolist() == [1, 2, 2] and got.items.tolist() == [10, 10, 11]
+    assert got.ratings.tolist() == [5, 3, 4]
 
 
-def test_duplicate_pair_is_an_error():
-    with pytest.raises(DataError, match="more than once"):
-        build_matrix(Ratings(np.array([1, 1]), np.array([5, 5]), np.array([3.0, 4.0], dtype=np.float32)), 1)
+def test_an_unreadable_path_is_a_data_error_without_a_chained_cause(tmp_path):
+    with pytest.raises(DataError) as err:
+        read_ratings(tmp_path, "::")  # a folder
+    assert str(err.value).startswith(f"{tmp_path}: cannot read the ratings file (")
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+# the example from the message's specification: line 7 repeats line 2; line 8 repeats line 1, but later
+REPEATS = "1::10::5::1\n3::12::4::2\n2::10::3::3\n3::13::4::4\n1::12::2::5\n4::12::5::6\n3::12::1::7\n1::10::4::8\n"
+
+
+def test_a_repeated_pair_names_both_lines_and_the_pair_in_the_files_ids(tmp_path):
+    path = tmp_path / "ratings.dat"
+    path.write_text(REPEATS)
+    with pytest.raises(DataError) as err:
+        build_matrix(read_ratings(path, "::"), min_item_ratings=1)
+    assert str(err.value) == f"{path} line 7: user 3, item 12 is rated again (first on line 2)"
+
+
+def test_a_repeated_pair_counts_the_header_line(tmp_path):
+    path = tmp_path / "ratings.csv"
+    path.write_text("userId,movieId,rating,timestamp\n" + REPEATS.replace("::", ","))
+    with pytest.raises(DataError, match=r"line 8: user 3, item 12 is rated again \(first on line 3\)$"):
+        build_matrix(read_ratings(path, ",", header=True), min_item_ratings=1)
+
+
+def test_a_repeated_pair_fails_the_data_module_setup_with_the_line(tmp_path):
+    path = tmp_path / "ml-1m" / "ratings.dat"
+    path.parent.mkdir()
+    path.write_text(REPEATS)
+    dm = MovieLensDataModule(root=str(tmp_path), download=False, min_item_ratings=1)
+    with pytest.raises(DataError) as err:
+        dm.setup()
+    assert str(err.value) == f"{path} line 7: user 3, item 12 is rated again (first on line 2)"
+
+
+def test_a_repeated_pair_in_memory_names_the_positions():
+    ratings = Ratings(np.array([1, 2, 1]), np.array([5, 5, 5]), np.array([3.0, 4.0, 2.0], dtype=np.float32))
+    with pytest.raises(DataError) as err:
+        build_matrix(ratings, 1, source="synthetic")
+    assert str(err.value) == "synthetic: user 1, item 5 is rated again (rating 3, first as rating 1)"
+
+
+def test_repeated_pair_is_found_as_the_earliest_repeat_among_many():
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(0, 30, 500), rng.integers(0, 30, 500)
+    seen, want = {}, None
+    for position, pair in enumerate(zip(users.tolist(), items.tolist())):
+        if pair in seen:
+            want = (position + 1, seen[pair] + 1)
+            break
+        seen[pair] = position
+    with pytest.raises(DataError) as err:
+        build_matrix(Ratings(users, items, np.ones(500, dtype=np.float32)), 1)
+    assert str(err.value).endswith(f"(rating {want[0]}, first as rating {want[1]})")
 
 
 # --- locating and downloading ------------------------------------------------------------------------
@@ -103,6 +200,52 @@ def test_missing_files_offline_say_what_to_put_where(tmp_path):
     with pytest.raises(DataError, match=rf"{tmp_path}/ml-1m/ratings.dat not found.*Offline\? Put ratings.dat"):
         locate_ratings("ml1m", tmp_path)  # download allowed, but the network is unreachable
     assert list(tmp_path.iterdir()) == []  # no partial files
+
+
+@pytest.mark.parametrize("missing", ["ratings.dat", "ml-1m"])
+def test_a_missing_ratings_file_without_download_is_one_clean_line(tmp_path, capsys, missing):
+    if missing == "ratings.dat":
+        (tmp_path / "ml-1m").mkdir()  # the dataset folder without its ratings file
+    dm = MovieLensDataModule(root=str(tmp_path), download=False)
+    with pytest.raises(DataError) as err:
+        dm.prepare_data()
+    assert str(err.value) == (f"{tmp_path}/ml-1m/ratings.dat not found and data.download=false: put ratings.dat "
+                              f"from {data.GROUPLENS}/ml-1m.zip in {tmp_path}/ml-1m/, or set data.download=true")
+    assert err.value.__cause__ is None and err.value.__context__ is None
+    assert capsys.readouterr() == ("", "")  # nothing printed before the error
+
+
+def test_a_failed_download_carries_its_cause_in_the_message_not_a_chained_traceback(tmp_path):
+    with pytest.raises(DataError) as err:
+        locate_ratings("ml1m", tmp_path)
+    assert "tests are offline" in str(err.value)
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+@pytest.mark.parametrize("via", ["argument", "CFAE_DATA_DIR"])
+def test_a_named_data_root_that_does_not_exist_is_an_error_not_created(tmp_path, monkeypatch, via):
+    root = tmp_path / "x" / "y"
+    monkeypatch.delenv("CFAE_DATA_DIR", raising=False)
+    if via == "CFAE_DATA_DIR":
+        monkeypatch.setenv("CFAE_DATA_DIR", str(root))
+    with pytest.raises(DataError) as err:
+        locate_ratings("ml1m", root if via == "argument" else None)
+    assert str(err.value) == f"data root {root} does not exist (CFAE_DATA_DIR or data.root)"
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_data_root_that_is_a_file_is_an_error(tmp_path):
+    root = tmp_path / "data"
+    root.write_text("")
+    with pytest.raises(DataError, match=rf"^data root {root} is not a folder \(CFAE_DATA_DIR or data.root\)$"):
+        locate_ratings("ml1m", root, download=False)
+
+
+def test_the_default_cache_is_created_for_a_download(tmp_path, monkeypatch):
+    fake_archive(tmp_path, monkeypatch)
+    monkeypatch.delenv("CFAE_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # does not exist yet
+    assert locate_ratings("ml1m") == tmp_path / "cache" / "cfae" / "ml-1m" / "ratings.dat"
 
 
 def fake_archive(tmp_path, monkeypatch, md5: str | None = None):
@@ -119,6 +262,7 @@ def fake_archive(tmp_path, monkeypatch, md5: str | None = None):
 def test_download_verifies_and_unpacks(tmp_path, monkeypatch):
     fake_archive(tmp_path, monkeypatch)
     root = tmp_path / "cache"
+    root.mkdir()
     path = locate_ratings("ml1m", root)
     assert path == root / "ml-1m" / "ratings.dat" and path.read_text().startswith("1::1::5")
     assert [p.name for p in root.iterdir()] == ["ml-1m"]  # the temporary folder is gone
@@ -127,6 +271,7 @@ def test_download_verifies_and_unpacks(tmp_path, monkeypatch):
 def test_checksum_mismatch_leaves_no_partial_files(tmp_path, monkeypatch):
     fake_archive(tmp_path, monkeypatch, md5="0" * 32)
     root = tmp_path / "cache"
+    root.mkdir()
     with pytest.raises(DataError, match="checksum mismatch.*expected 0000"):
         locate_ratings("ml1m", root)
     assert list(root.iterdir()) == []
@@ -144,6 +289,27 @@ def test_filter_drops_items_below_threshold_and_reindexes():
     np.testing.assert_array_equal(rm.user_ids, [1, 2, 4])
     np.testing.assert_array_equal(rm.item_ids, [7, 8])
     assert rm.matrix.toarray().tolist() == [[4, 4], [4, 4], [4, 0]]
+
+
+def test_filtering_that_leaves_nothing_says_so_at_once(data_root):
+    most = np.bincount(planted_ratings().items).max()
+    dm = MovieLensDataModule(root=str(data_root), download=False, min_item_ratings=100000)
+    with pytest.raises(DataError) as err:
+        dm.setup()
+    assert str(err.value) == (f"{data_root}/ml-1m/ratings.dat: no ratings left after dropping movies with fewer "
+                              f"than 100000 ratings (data.min_item_ratings); the most-rated movie has {most}")
+
+
+def test_too_few_ratings_to_split_names_the_counts(tmp_path):
+    path = tmp_path / "ml-1m" / "ratings.dat"
+    path.parent.mkdir()
+    path.write_text("1::10::5::1\n2::10::3::2\n3::10::4::3\n")
+    dm = MovieLensDataModule(root=str(tmp_path), download=False, min_item_ratings=1)
+    with pytest.raises(DataError) as err:
+        dm.setup()
+    # 3 ratings: round(0.2 * 3) = 1 test, round(0.05 * 2) = 0 validation
+    assert str(err.value) == (f"{path}: 3 ratings are too few to split with data.test_fraction=0.2 and "
+                              f"data.val_fraction=0.05: train 2, validation 0, test 1")
 
 
 # --- splits ------------------------------------------------------------------------------------------
@@ -164,6 +330,21 @@ def test_split_is_disjoint_exhaustive_deterministic_and_sized():
 def test_fold_outside_range(fold):
     with pytest.raises(DataError, match=rf"data.fold={fold} is outside 0..4"):
         MovieLensDataModule(fold=fold)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("val_fraction", 0, "data.val_fraction=0: must be > 0 and < 1 (validation drives early stopping)"),
+    ("val_fraction", 1.0, "data.val_fraction=1.0: must be > 0 and < 1 (validation drives early stopping)"),
+    ("test_fraction", 0, "data.test_fraction=0: must be > 0 and < 1"),
+    ("test_fraction", -0.2, "data.test_fraction=-0.2: must be > 0 and < 1"),
+    ("batch_size", 0, "data.batch_size=0: must be a positive integer"),
+    ("batch_size", 2.5, "data.batch_size=2.5: must be a positive integer"),
+    ("eval_batch_size", -1, "data.eval_batch_size=-1: must be a positive integer"),
+])
+def test_settings_are_refused_when_the_module_is_made(key, value, message):
+    with pytest.raises(DataError) as err:
+        MovieLensDataModule(**{key: value})
+    assert str(err.value) == message
 
 
 @pytest.mark.parametrize("orientation", ["item", "user"])
@@ -312,3 +493,15 @@ def test_eval_batch_carries_fallbacks_aligned_with_targets(data_root):
     assert sum(len(b.fallback) for b in batches) == dm.test_matrix.nnz
     assert all(len(b.fallback) == len(b.targets.val) for b in batches)
     assert all(torch.isnan(b.fallback).all() for b in batches)  # dense synthetic data needs none
+
+
+def test_baseline_rmse_predicts_the_training_mean_for_the_validation_ratings(tmp_path, monkeypatch):
+    # one movie rated by users 1..6, split by hand: users 1-3 train, 4-5 validation, 6 test
+    path = tmp_path / "ml-1m" / "ratings.dat"
+    path.parent.mkdir()
+    path.write_text("".join(f"{user}::7::{rating}::0\n" for user, rating in enumerate([1, 2, 3, 5, 4, 1], 1)))
+    by_hand = data.Split(train=np.array([0, 1, 2]), val=np.array([3, 4]), test=np.array([5]))
+    monkeypatch.setattr(data, "split_ratings", lambda *args, **kwargs: by_hand)
+    dm = module(tmp_path, min_item_ratings=1, orientation="user")
+    # training mean (1 + 2 + 3) / 3 = 2; validation errors 5 - 2 = 3 and 4 - 2 = 2
+    assert dm.baseline_rmse == pytest.approx(np.sqrt((3**2 + 2**2) / 2))

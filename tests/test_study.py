@@ -71,6 +71,17 @@ def test_a_study_run_again_resumes_and_runs_nothing_twice(mini_study):
     assert len(client.search_runs([experiment_id])) == before
 
 
+def test_a_run_counts_as_done_only_with_the_same_settings(mini_study, capsys):
+    tmp_path, argv, _ = mini_study
+    options, overrides = argv[:argv.index("--")], argv[argv.index("--"):]
+    assert study.main([*options, "--dry-run", *overrides]) == 0
+    same = capsys.readouterr().out.splitlines()
+    assert len(same) == 18 and all(line.startswith("done  ") for line in same)
+    assert study.main([*options, "--dry-run", *overrides, "data.seed=1"]) == 0  # other splits: nothing done
+    other = capsys.readouterr().out.splitlines()
+    assert len(other) == 18 and all(line.startswith("todo  ") for line in other)
+
+
 def test_the_report_has_every_row_with_intervals_and_all_six_figures(mini_study):
     tmp_path, _, client = mini_study
     out = tmp_path / "reports"

@@ -7,6 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
+from cfae.checks import ConfigError, Diverged
 from cfae.train import keep_freed_memory, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,18 +81,18 @@ def test_a_run_resumes_from_its_last_full_state_and_a_missing_checkpoint_is_name
     runs = client.search_runs([client.get_experiment_by_name("cfae").experiment_id], order_by=["start_time"])
     epochs_run = [len(client.get_metric_history(r.info.run_id, "val/rmse")) for r in runs]
     assert epochs_run == [2, 2]  # the resumed run trained epochs 3 and 4 only (from scratch: 4)
-    with pytest.raises(FileNotFoundError, match="resume=.*nowhere.ckpt: no such checkpoint"):
+    with pytest.raises(ConfigError, match="resume=.*nowhere.ckpt: no such checkpoint"):
         train(config(data_root, tmp_path, f"resume={tmp_path / 'nowhere.ckpt'}"))
 
 
 def test_a_run_that_dies_is_marked_failed_with_its_error_and_keeps_what_it_logged(data_root, tmp_path):
     cfg = config(data_root, tmp_path, "trainer.max_epochs=5", "optimizer.lr=1e30")  # diverges to NaN
-    with pytest.raises(FloatingPointError, match="training loss is (nan|inf)"):
+    with pytest.raises(Diverged, match="training diverged: the loss is (nan|inf)"):
         train(cfg)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("cfae").experiment_id])
     assert run.info.status == "FAILED"
-    assert run.data.tags["error"].startswith("FloatingPointError: training loss is ")
+    assert run.data.tags["error"].startswith("Diverged: training diverged: the loss is ")
     assert "dataset/sha256" in run.data.params  # what was logged before the failure stays
 
 
@@ -124,7 +125,7 @@ def test_an_experiment_run_from_train_py_is_tagged_with_its_row_and_model(data_r
 def test_train_py_bad_fold_is_a_clear_error(data_root, tmp_path):
     done = cli(tmp_path, "data.fold=7", env_extra={"CFAE_DATA_DIR": str(data_root)})
     assert done.returncode != 0
-    assert "data.fold=7 is outside 0..4" in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "error: data.fold=7: must be an integer from 0 to 4 (data.n_folds=5)"
 
 
 @pytest.mark.parametrize(("cuda", "cuda_bf16", "amx", "accelerator", "expected"), [

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MinMetric
 
+from cfae.checks import Diverged
 from cfae.data import EvalBatch, SparseRows, entry_rows
 from cfae.metrics import MaskedRMSE
 
@@ -228,8 +229,8 @@ class RatingModel(L.LightningModule):
             return None
         loss = self.training_loss(batch)
         if not torch.isfinite(loss):  # fail loudly rather than early-stop on NaN and look fine
-            raise FloatingPointError(f"training loss is {loss.item()} at epoch {self.current_epoch}, "
-                                     f"step {self.global_step}: lower the learning rate?")
+            raise Diverged(f"training diverged: the loss is {loss.item()} at epoch {self.current_epoch}, "
+                           f"step {self.global_step}; lower optimizer.lr?")
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch.val))
         return loss
 

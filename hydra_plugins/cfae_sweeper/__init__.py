@@ -1,13 +1,18 @@
-"""Hydra finds sweepers only under `hydra_plugins`: this registers cfae's extension of the Optuna
-sweeper (the logic lives in cfae/sweep.py, imported lazily to keep every Hydra start-up fast)."""
+"""Hydra finds sweepers only under `hydra_plugins`: this registers cfae's Optuna sweeper (cfae/sweep.py,
+imported when a sweep starts, which keeps every Hydra start-up fast). It takes the configuration of the
+hydra-optuna-sweeper plugin (`hydra/sweeper: optuna`, conf/sweep.yaml) with this class as its `_target_`."""
 
-from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+from hydra.plugins.sweeper import Sweeper
 
 
-class CfaeOptunaSweeper(OptunaSweeper):
-    def __init__(self, sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
-                 search_space, custom_search_space, params) -> None:
-        from cfae.sweep import CfaeOptunaSweeperImpl
+class CfaeOptunaSweeper(Sweeper):
+    def __init__(self, **config) -> None:
+        from cfae.sweep import OptunaSweep
 
-        self.sweeper = CfaeOptunaSweeperImpl(sampler, direction, storage, study_name, n_trials, n_jobs,
-                                             max_failure_rate, search_space, custom_search_space, params)
+        self.sweeper = OptunaSweep(**config)
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> None:
+        return self.sweeper.sweep(arguments)

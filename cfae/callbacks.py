@@ -1,0 +1,138 @@
+"""The Lightning callbacks of a training run: epoch timing, divergence, the resumable checkpoint and, in a
+sweep, the trial's reports to Optuna."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import optuna
+from lightning.pytorch.callbacks import Callback, Checkpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from cfae.checks import Diverged
+
+log = logging.getLogger(__name__)
+
+
+
+class EpochTimer(Callback):
+    """Logs `time/epoch_s`, the wall time of each training epoch (validation excluded), and keeps them
+    in `times`."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.start: float | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.start is None:  # resumed from a checkpoint taken at the end of an epoch: nothing timed
+            return
+        self.times.append(time.perf_counter() - self.start)
+        pl_module.log("time/epoch_s", self.times[-1])
+
+
+class DivergenceGuard(Callback):
+    """Ends a run whose training has blown up, with an error that says so, instead of letting it finish
+    with a useless model that looks like a result (in a sweep: a failed trial, never a best value).
+
+    Two bounds, both far from any run that learns: a training loss (the MSE of the reconstruction) above
+    10 x the squared width of the rating scale (160 on 1..5: predictions far outside the scale), and, once
+    the model has done better than predicting the training mean for every rating (`baseline_rmse`, about
+    1.12 on ML-1M), a validation RMSE above `factor` x that. (Before that point a slow start is normal: an
+    AutoRec whose outputs start near 0 scores about 2.6 until it has learnt the mean.)
+    """
+
+    def __init__(self, baseline_rmse: float, rating_min: float, rating_max: float, factor: float = 1.5):
+        self.max_loss = 10 * (rating_max - rating_min) ** 2
+        self.max_rmse, self.baseline_rmse, self.factor = factor * baseline_rmse, baseline_rmse, factor
+        self.learnt = False  # whether val/rmse has been below baseline_rmse
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None and not float(loss) <= self.max_loss:  # NaN fails the test too
+            raise Diverged(f"training diverged: train/loss={float(loss):.3g} at epoch {trainer.current_epoch}, "
+                           f"above {self.max_loss:g} (10 x the squared rating range); lower optimizer.lr?")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        rmse = trainer.callback_metrics.get("val/rmse")
+        if trainer.sanity_checking or rmse is None:
+            return
+        self.learnt = self.learnt or float(rmse) < self.baseline_rmse
+        if self.learnt and not float(rmse) <= self.max_rmse:
+            raise Diverged(f"training diverged: val/rmse={float(rmse):.4f} at epoch {trainer.current_epoch}, "
+                           f"more than {self.factor:g} x the {self.baseline_rmse:.4f} of predicting the mean rating, "
+                           f"which it had beaten; lower optimizer.lr?")
+
+
+class LastCheckpoint(Checkpoint):
+    """The full training state (weights, optimizer, loops, callbacks) at `path`, for `resume=`: at the end of
+    the first epoch, then at most every `every_s` seconds, and when the run is stopped by SIGTERM (what a
+    scheduler sends) or Ctrl-C.
+
+    A signal during training stops it after the current batch: the epoch is cut short, validated and saved
+    like any other, so the state resumes cleanly (a state saved in the middle of an epoch cannot: the data
+    loader does not know where it was). A second signal stops at once. Each checkpoint is written beside
+    the last and renamed over it, so a run killed while writing keeps the previous one. (A subclass of
+    Checkpoint: Lightning calls it after the other callbacks, once early stopping and the best checkpoint
+    have seen the epoch.)
+    """
+
+    def __init__(self, path: Path, every_s: float):
+        self.path, self.every_s = Path(path), every_s
+        self.saved_at: float | None = None
+        self.interrupt: signal.Signals | None = None  # the signal that stopped the training, if one did
+
+    def save(self, trainer) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(f".{self.path.name}.partial")
+        trainer.save_checkpoint(partial)
+        os.replace(partial, self.path)
+        self.saved_at = time.monotonic()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def stop(signum, frame) -> None:
+            if self.interrupt is not None:  # asked twice: now
+                raise KeyboardInterrupt if signum == signal.SIGINT else SIGTERMException(128 + signum)
+            self.interrupt, trainer.should_stop = signal.Signals(signum), True
+            log.warning("%s: stopping after this batch, saving the training state", signal.Signals(signum).name)
+
+        # Replaces Lightning's own SIGTERM handler for the rest of the fit, which would raise in the middle of
+        # the epoch; Lightning puts back the handlers it found when the fit ends.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, stop)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self.interrupt is None and isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            self.interrupt = signal.SIGINT if isinstance(exception, KeyboardInterrupt) else signal.SIGTERM
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # after validation: a whole epoch to resume from
+        if self.interrupt or self.saved_at is None or time.monotonic() - self.saved_at >= self.every_s:
+            self.save(trainer)
+        if self.interrupt:
+            log.info("training state saved to %s: go on with resume=%s", self.path, self.path)
+
+
+class TrialReporting(Callback):
+    """Reports `val/rmse` after each validation to the job's Optuna trial and stops training once the
+    study's pruner says the trial is clearly worse than the others at the same epoch."""
+
+    def __init__(self, trial: optuna.Trial):
+        self.trial, self.pruned = trial, False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or "val/rmse" not in trainer.callback_metrics:
+            return
+        self.trial.report(float(trainer.callback_metrics["val/rmse"]), step=trainer.current_epoch)
+        if self.trial.should_prune():
+            log.info("trial %d pruned at epoch %d", self.trial.number, trainer.current_epoch)
+            self.pruned, trainer.should_stop = True, True

@@ -1,0 +1,147 @@
+"""Every user-facing value checked before data loads or a run is created, each refused in one line that
+names the key, the value and what is allowed; and the one-line reporting of such errors at the command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+
+class UsageError(Exception):
+    """A mistake in what was asked (a value, a file, a store), said in one line: the command line prints it
+    without a traceback and exits with status 1."""
+
+
+class ConfigError(UsageError, ValueError):
+    pass
+
+
+class Diverged(UsageError, FloatingPointError):
+    """Training blew up (a loss or RMSE far beyond any model that learns): most often a learning rate too
+    high for the model."""
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+positive_int = (lambda x: _int(x) and x >= 1, "an integer >= 1")
+count = (lambda x: _int(x) and x >= 0, "an integer >= 0")
+positive = (lambda x: _number(x) and x > 0, "a number > 0")
+non_negative = (lambda x: _number(x) and x >= 0, "a number >= 0")
+fraction = (lambda x: _number(x) and 0 <= x < 1, "a number >= 0 and < 1")
+open_fraction = (lambda x: _number(x) and 0 < x < 1, "a number > 0 and < 1")
+layer_list = (lambda x: isinstance(x, list) and len(x) > 0 and all(_int(v) and v >= 1 for v in x),
+              "a non-empty list of integers >= 1")
+
+# (key, (test, what is allowed), why). Sweep knobs come first: a bad knob is named as the user typed it,
+# not as the model key it feeds. Keys a model or optimizer does not have are skipped.
+RULES: list[tuple[str, tuple[Callable[[Any], bool], str], str]] = [
+    ("hidden", positive_int, "the latent size; null: the model's default"),
+    ("depth", positive_int, "the number of encoder layers; null: the model's default"),
+    ("dropout", fraction, "a dropout rate; null: the model's default"),
+    ("noise", fraction, "the fraction of input ratings dropped; null: the model's default"),
+    ("seed", count, ""),
+    ("patience", positive_int, "epochs without a better val/rmse before early stopping"),
+    ("checkpoint_every_s", non_negative, "seconds between full checkpoints; 0: every epoch"),
+    ("trainer.max_epochs", positive_int, ""),
+    ("data.batch_size", positive_int, ""),
+    ("data.eval_batch_size", positive_int, ""),
+    ("data.n_folds", positive_int, ""),
+    ("data.test_fraction", open_fraction, "the held-out test part"),
+    ("data.val_fraction", open_fraction, "validation drives early stopping and model selection"),
+    ("data.min_item_ratings", count, ""),
+    ("data.num_workers", count, ""),
+    ("model.hidden_size", positive_int, ""),
+    ("model.layer_sizes", layer_list, ""),
+    ("model.n_factors", count, ""),
+    ("model.dropout", fraction, ""),
+    ("model.input_dropout", fraction, "the fraction of input ratings dropped"),
+    ("model.input_noise", non_negative, "the standard deviation of Gaussian input noise"),
+    ("model.weight_decay", non_negative, "L2 on the weights"),
+    ("model.regularization", non_negative, ""),
+    ("model.init_std", positive, ""),
+    ("model.refeed", count, ""),
+    ("model.beta_max", non_negative, ""),
+    ("model.anneal_steps", count, ""),
+    ("optimizer.lr", positive, "the learning rate"),
+    ("optimizer.weight_decay", non_negative, ""),
+    ("optimizer.momentum", non_negative, ""),
+    ("ranking.k", positive_int, ""),
+]
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first value in `cfg` that cfae cannot run with."""
+    for key, (test, allowed), why in RULES:
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        except Exception as err:  # an interpolation that cannot resolve, e.g. a resolver refusing a value
+            raise ConfigError(f"{key}: {err}".splitlines()[0]) from None
+        if OmegaConf.is_config(value):  # a list such as model.layer_sizes
+            value = OmegaConf.to_container(value, resolve=True)
+        if value is not None and not test(value):  # None: absent, or null for the model's default
+            raise ConfigError(f"{key}={_show(value)}: must be {allowed}" + (f" ({why})" if why else ""))
+    fold, n_folds = OmegaConf.select(cfg, "data.fold"), OmegaConf.select(cfg, "data.n_folds")
+    if fold is not None and not (_int(fold) and 0 <= fold < n_folds):
+        raise ConfigError(f"data.fold={_show(fold)}: must be an integer from 0 to {n_folds - 1} "
+                          f"(data.n_folds={n_folds})")
+    orientation = OmegaConf.select(cfg, "data.orientation")
+    if orientation is not None and orientation not in ("item", "user"):
+        raise ConfigError(f"data.orientation={orientation}: must be item or user")
+    _check_accelerator(OmegaConf.select(cfg, "trainer.accelerator"))
+    resume = cfg.get("resume")
+    if resume and not Path(resume).is_file():
+        raise ConfigError(f"resume={resume}: no such checkpoint (a run's full state is "
+                          f"<its output dir>/checkpoints/last.ckpt)")
+    root = OmegaConf.select(cfg, "data.root")
+    if root and not Path(root).is_dir():
+        raise ConfigError(f"data.root={root}: no such folder (set by CFAE_DATA_DIR or data.root)")
+
+
+def _check_accelerator(accelerator: str | None) -> None:
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator}: this machine has no CUDA GPU that torch can use "
+                          f"(torch {torch.__version__}); use trainer.accelerator=auto or cpu")
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("trainer.accelerator=mps: Apple's Metal backend is not available here")
+
+
+def check_model_fits_data(cfg: DictConfig, n_rows: int, n_cols: int) -> None:
+    """Checks that need the data's shape: a closed-form SVD's rank."""
+    if cfg.model.get("_target_", "").endswith("ImputedSVD"):
+        rank = cfg.model.n_factors
+        if rank >= min(n_rows, n_cols):
+            key = "hidden" if cfg.get("hidden") is not None else "model.n_factors"
+            raise ConfigError(f"{key}={rank}: the SVD's rank must be below min(rows, columns) = "
+                              f"{min(n_rows, n_cols)} for this data")
+
+
+@contextlib.contextmanager
+def reported_in_one_line() -> Iterator[None]:
+    """At the command line: a UsageError is printed as one line on stderr and exits with status 1; with
+    HYDRA_FULL_ERROR=1 it propagates with its traceback."""
+    try:
+        yield
+    except UsageError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None

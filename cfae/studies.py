@@ -1,0 +1,116 @@
+"""Optuna studies as cfae keeps them: a database storage with heartbeats, trials that know their process,
+and the recovery of trials whose process died. Used by the sweeper and, for its own trial, by each job.
+
+A trial is RUNNING while a process trains it. That process records a heartbeat every `HEARTBEAT_S`
+seconds and its identity (`cfae.process` user attribute). A sweep that starts (or asks for more trials)
+fails the trials whose process has died: at once when it ran on this machine, after `GRACE_S` seconds
+without a heartbeat when it ran elsewhere; each such point is enqueued to be tried again
+(RetryHeartbeatStaleTrialCallback), and does not count against the study's `n_trials`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from collections.abc import Iterator
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import FrozenTrial, TrialState
+
+from cfae.processes import has_died, this_process
+from cfae.stores import sqlite_file, store_lock
+
+HEARTBEAT_S = 20
+GRACE_S = 90
+PROCESS = "cfae.process"  # user attribute: the process training the trial
+ERROR = "error"  # user attribute of a trial that failed by its own error (not by its process dying)
+
+
+def retry(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Enqueue the point of a trial whose process died, at most twice for one point."""
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.8, and the replacement of a deprecated one
+        warnings.filterwarnings("ignore", category=ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=2)(study, trial)
+
+
+def database(url: str) -> RDBStorage:
+    """The study database at `url`, with heartbeats. Processes creating a new sqlite database together do it
+    one at a time."""
+    db = sqlite_file(url)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    with store_lock(url):
+        return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                          heartbeat_stale_trial_callback=retry)
+
+
+def ask(study: optuna.Study, distributions: dict) -> optuna.Trial:
+    """`study.ask`, the trial marked with this process and its first heartbeat recorded."""
+    with warnings.catch_warnings():  # Optuna warns that heartbeats are meant for Study.optimize; we beat
+        warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
+        trial = study.ask(distributions)
+    trial.set_user_attr(PROCESS, this_process())
+    return trial
+
+
+def trial_id(storage: RDBStorage, study_name: str, number: int) -> int:
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
+
+
+def job_trial(study_name: str, url: str, number: int,
+              pruner: optuna.pruners.BasePruner) -> tuple[optuna.Trial, RDBStorage]:
+    """The running trial `number` of the study as the job training it sees it (to report, to prune and to
+    tell its result), and the storage to beat its heartbeat in."""
+    storage = database(url)
+    study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
+    trial = optuna.Trial(study, trial_id(storage, study_name, number))
+    trial.set_user_attr(PROCESS, this_process())
+    return trial, storage
+
+
+@contextlib.contextmanager
+def heartbeat(trial: optuna.Trial, storage: RDBStorage) -> Iterator[None]:
+    """Record the trial's heartbeat every `HEARTBEAT_S` seconds while the block runs."""
+    beat_id, stop = trial_id(storage, trial.study.study_name, trial.number), threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(Exception):  # a busy database skips a beat, the next one will do
+                storage.record_heartbeat(beat_id)
+
+    storage.record_heartbeat(beat_id)
+    thread = threading.Thread(target=beat, name=f"heartbeat-trial-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def fail_dead_trials(study: optuna.Study) -> list[int]:
+    """FAIL the RUNNING trials whose process has died (here: its pid is gone; elsewhere: no heartbeat for
+    `GRACE_S`), each point enqueued again; the numbers of the trials failed."""
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        process = trial.user_attrs.get(PROCESS)
+        if process and has_died(process):
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            retry(study, trial)
+            failed.append(trial.number)
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    fail_stale_trials(study)  # the storage's failed_trial_callback enqueues these again
+    failed += sorted({t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))} - before)
+    return failed
+
+
+def counts_against_budget(trial: FrozenTrial) -> bool:
+    """Whether a trial has taken one of the study's `n_trials`: finished (complete, pruned, failed by its own
+    error) or running. Not one whose process died (its point waits to be tried again), nor a waiting one
+    (the next ask takes it)."""
+    if trial.state == TrialState.FAIL:
+        return ERROR in trial.user_attrs
+    return trial.state != TrialState.WAITING

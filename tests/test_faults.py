@@ -1,0 +1,359 @@
+"""Runs and sweeps that are resumed, shared, killed, diverging or badly configured: nothing is lost, nothing is
+left RUNNING, and what went wrong is said in one line. Processes are started, killed and raced as a user or a
+scheduler would; the stores are new sqlite files under tmp_path."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from cfae.checks import ConfigError
+from cfae.tracking import mlflow_client
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["trainer.max_epochs=3", "trainer.enable_progress_bar=false", "data.batch_size=32", "hidden=16"]
+LONG = ["trainer.max_epochs=400", "patience=400", "trainer.enable_progress_bar=false", "data.batch_size=8",
+        "hidden=16"]  # a run that goes on until it is stopped
+
+
+def environment(data_root: Path, **extra: str) -> dict:
+    env = {**os.environ, "CFAE_DATA_DIR": str(data_root), **extra}
+    if "MLFLOW_TRACKING_URI" not in extra:
+        env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def start(script: str, cwd: Path, data_root: Path, *args: str, **extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / script), *(["-m"] if script == "sweep.py" else []), *args],
+                            cwd=cwd, env=environment(data_root, **extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def run(script: str, cwd: Path, data_root: Path, *args: str, **extra: str) -> subprocess.CompletedProcess:
+    process = start(script, cwd, data_root, *args, **extra)
+    output = process.communicate(timeout=600)[0]
+    return subprocess.CompletedProcess(process.args, process.returncode, output, "")
+
+
+def wait_for(condition, timeout_s: float = 120, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
+        time.sleep(0.1)
+
+
+def mlflow_runs(cwd: Path) -> list:
+    client = MlflowClient(f"sqlite:///{cwd}/mlruns/mlflow.db")
+    experiment = client.get_experiment_by_name("cfae")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def trials(cwd: Path, name: str) -> list:
+    if not (cwd / "mlruns" / "optuna.db").is_file():
+        return []
+    try:
+        return optuna.load_study(study_name=name, storage=f"sqlite:///{cwd}/mlruns/optuna.db").trials
+    except KeyError:  # the study is not created yet
+        return []
+
+
+def last_checkpoints(cwd: Path) -> list[Path]:
+    return list(cwd.glob("outputs/*/*/checkpoints/last.ckpt"))
+
+
+def compose(data_root: Path, tmp_path: Path, *overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("train", overrides=[
+            f"data.root={data_root}", "data.download=false", "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false", "data.batch_size=32", f"output_dir={tmp_path / 'out'}",
+            f"logger.uri=sqlite:///{tmp_path}/mlruns/mlflow.db", *overrides])
+
+
+# --- sweeps: resumed, shared, killed -----------------------------------------------------------------------
+TPE = [*FAST, "model=autorec", "optimizer.lr=interval(0.001,0.05)", "hydra.sweeper.study_name=tpe"]
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_mid_trial_finishes_when_run_again_with_new_points(data_root, tmp_path):
+    args = [*TPE, "hydra.sweeper.n_trials=4", "trainer.max_epochs=6", "sweep.pruner=null"]
+    sweep = start("sweep.py", tmp_path, data_root, *args)
+    wait_for(lambda: sum(t.state == TrialState.COMPLETE for t in trials(tmp_path, "tpe")) == 2
+             and any(t.state == TrialState.RUNNING for t in trials(tmp_path, "tpe")), what="the third trial")
+    time.sleep(0.5)  # into the trial's training
+    sweep.kill()
+    sweep.wait()
+    killed = next(t.number for t in trials(tmp_path, "tpe") if t.state == TrialState.RUNNING)
+
+    again = run("sweep.py", tmp_path, data_root, *args)
+    assert again.returncode == 0, again.stdout[-3000:]
+    done = trials(tmp_path, "tpe")
+    complete = [t for t in done if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4 and done[killed].state == TrialState.FAIL
+    retried = [t for t in complete if t.system_attrs.get("failed_trial") == killed]
+    assert len(retried) == 1 and retried[0].params == done[killed].params  # its point, tried again
+    assert len({t.params["optimizer.lr"] for t in complete}) == 4  # no point replayed by a re-seeded sampler
+    runs = mlflow_runs(tmp_path)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    (dead,) = [r for r in runs if r.data.tags.get("optuna.trial") == str(killed)]
+    assert dead.info.status == "FAILED" and "ended without closing it" in dead.data.tags["error"]
+    parents = [r for r in runs if r.info.run_name == "sweep-tpe"]
+    assert sorted(p.info.status for p in parents) == ["FAILED", "FINISHED"]
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_new_sqlite_study_share_its_budget_without_repeating_a_point(data_root, tmp_path):
+    workers = [start("sweep.py", tmp_path, data_root, *TPE, "hydra.sweeper.n_trials=4") for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    done = trials(tmp_path, "tpe")
+    assert [t.state for t in done] == [TrialState.COMPLETE] * 4
+    assert len({t.params["optimizer.lr"] for t in done}) == 4
+    children = [r for r in mlflow_runs(tmp_path) if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+
+
+def test_a_resumed_sampler_draws_new_points_reproducibly():
+    from cfae.sweep import PerTrialSeeds
+
+    def proposals(seed, n_before):
+        study = optuna.create_study(sampler=PerTrialSeeds(lambda s: optuna.samplers.TPESampler(seed=s), seed))
+        for _ in range(n_before + 3):
+            trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+            study.tell(trial, trial.params["x"])
+        return [t.params["x"] for t in study.trials]
+
+    first, resumed = proposals(0, 0), proposals(0, 3)
+    assert first == proposals(0, 0)  # the same seed: the same sweep
+    assert len(set(resumed)) == 6  # trials 3-5 do not replay trials 0-2
+    assert first != proposals(1, 0)
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_sweep_fails_the_running_trial_for_a_retry_and_closes_its_runs_killed(data_root, tmp_path):
+    args = [*TPE, "hydra.sweeper.n_trials=3", *LONG[:2]]
+    sweep = start("sweep.py", tmp_path, data_root, *args)
+    wait_for(lambda: any(t.state == TrialState.RUNNING for t in trials(tmp_path, "tpe"))
+             and last_checkpoints_of_sweep(tmp_path), what="the first trial's first epoch")
+    sweep.send_signal(signal.SIGTERM)
+    output = sweep.communicate(timeout=120)[0]
+    assert sweep.returncode == 128 + signal.SIGTERM, output[-3000:]
+    (stopped, retry) = trials(tmp_path, "tpe")
+    assert stopped.state == TrialState.FAIL and "error" not in stopped.user_attrs
+    assert retry.state == TrialState.WAITING and retry.params == stopped.params
+    statuses = {r.info.run_name: r.info.status for r in mlflow_runs(tmp_path)}
+    assert statuses == {"sweep-tpe": "KILLED", "autorec-ml1m-item-fold0-trial0": "KILLED"}
+
+
+def last_checkpoints_of_sweep(cwd: Path) -> list[Path]:
+    return list(cwd.glob("multirun/*/*/*/checkpoints/last.ckpt"))
+
+
+# --- runs: together, killed, interrupted, diverging ----------------------------------------------------------
+@pytest.mark.slow
+def test_two_runs_started_together_on_a_new_store_both_finish_in_folders_of_their_own(data_root, tmp_path):
+    runs = [start("train.py", tmp_path, data_root, *FAST, f"seed={seed}") for seed in (1, 2)]
+    outputs = [r.communicate(timeout=600)[0] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    folders = sorted(p.parent for p in tmp_path.glob("outputs/*/*/config.yaml"))
+    assert len(folders) == 2
+    for folder in folders:
+        assert [p.name for p in (folder / "checkpoints").glob("*.ckpt")] in (["best.ckpt", "last.ckpt"],
+                                                                            ["last.ckpt", "best.ckpt"])
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    seeds = []
+    for r in mlflow_runs(tmp_path):
+        artifact = client.download_artifacts(r.info.run_id, "config.yaml", str(tmp_path))
+        logged = yaml.safe_load(Path(artifact).read_text())
+        assert str(logged["seed"]) == r.data.params["seed"]
+        seeds.append(logged["seed"])
+    assert sorted(seeds) == [1, 2]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_state_ends_the_run_killed_and_exits_non_zero(data_root, tmp_path):
+    process = start("train.py", tmp_path, data_root, *LONG)
+    wait_for(lambda: last_checkpoints(tmp_path), what="the first epoch's last.ckpt")  # written after epoch 1
+    time.sleep(1)
+    written = last_checkpoints(tmp_path)[0].stat().st_mtime_ns
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    (r,) = mlflow_runs(tmp_path)
+    assert r.info.status == "KILLED" and r.data.tags["error"] == "interrupted (SIGTERM)"
+    assert last_checkpoints(tmp_path)[0].stat().st_mtime_ns > written  # saved again on the way out
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_its_first_minute_can_resume_and_is_marked_failed_by_the_next_touch(data_root, tmp_path):
+    process = start("train.py", tmp_path, data_root, *LONG)
+    wait_for(lambda: last_checkpoints(tmp_path), what="the first epoch's last.ckpt")
+    process.kill()
+    process.wait()
+    (r,) = mlflow_runs(tmp_path)
+    assert r.info.status == "RUNNING"  # nobody could close it
+    mlflow_client(f"sqlite:///{tmp_path}/mlruns/mlflow.db")  # what every train, sweep and study does first
+    (r,) = mlflow_runs(tmp_path)
+    assert r.info.status == "FAILED" and "ended without closing it" in r.data.tags["error"]
+    resumed = run("train.py", tmp_path, data_root, *LONG, "trainer.max_epochs=3",
+                  f"resume={last_checkpoints(tmp_path)[0]}")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_adam_at_lr_1e6_fails_the_run_naming_divergence(data_root, tmp_path):
+    done = run("train.py", tmp_path, data_root, *FAST, "optimizer.lr=1e6")
+    assert done.returncode == 1
+    assert done.stdout.strip().splitlines()[-1].startswith("error: training diverged:")
+    assert "Traceback" not in done.stdout
+    (r,) = mlflow_runs(tmp_path)
+    assert r.info.status == "FAILED" and r.data.tags["error"].startswith("Diverged: training diverged")
+    assert "test/rmse" not in r.data.metrics
+
+
+def test_a_store_that_stops_taking_writes_does_not_stop_the_training_nor_lose_its_metrics(
+        data_root, tmp_path, monkeypatch, caplog):
+    from mlflow.exceptions import MlflowException
+
+    from cfae.train import train
+
+    real, calls = MlflowClient.log_batch, []
+
+    def locked_for_a_while(self, *args, **kwargs):  # a database that refuses metrics in epochs 2 and 3
+        calls.append(bool(kwargs.get("metrics")))
+        if kwargs.get("metrics") and 2 <= sum(calls) <= 5:
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", locked_for_a_while)
+    metrics = train(compose(data_root, tmp_path, "trainer.max_epochs=5"))
+    assert metrics["epochs"] == 5 and "does not take metrics" in caplog.text
+    (r,) = mlflow_runs(tmp_path)
+    history = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db").get_metric_history(r.info.run_id, "val/rmse")
+    assert r.info.status == "FINISHED" and sorted(m.step for m in history) == sorted({m.step for m in history})
+    assert len(history) == 5  # every epoch's value arrived, late or not
+
+
+# --- bad values, refused before anything runs ------------------------------------------------------------------
+BAD = {
+    "hidden=0": "hidden=0: must be an integer >= 1",
+    "data.val_fraction=0": "data.val_fraction=0: must be a number > 0 and < 1",
+    "data.batch_size=0": "data.batch_size=0: must be an integer >= 1",
+    "trainer.max_epochs=0": "trainer.max_epochs=0: must be an integer >= 1",
+    "optimizer.lr=-1": "optimizer.lr=-1: must be a number > 0",
+    "model=denoising noise=1.0": "noise=1.0: must be a number >= 0 and < 1",
+    "model=deep depth=0": "depth=0: must be an integer >= 1",
+    "resume=/nowhere/last.ckpt": "resume=/nowhere/last.ckpt: no such checkpoint",
+    "data.fold=5": "data.fold=5: must be an integer from 0 to 4",
+    "model=svd hidden=100000": "hidden=100000: the SVD's rank must be below min(rows, columns) = 200",
+    "data.min_item_ratings=100000": "no ratings left after dropping movies with fewer than 100000 ratings",
+}
+
+
+@pytest.mark.parametrize("overrides", list(BAD))
+def test_a_bad_value_is_refused_in_one_line_before_a_run_is_created(data_root, tmp_path, overrides):
+    from cfae.checks import UsageError
+    from cfae.train import train
+
+    with pytest.raises(UsageError) as refused:
+        train(compose(data_root, tmp_path, *overrides.split()))
+    assert BAD[overrides] in str(refused.value) and "\n" not in str(refused.value)
+    assert mlflow_runs(tmp_path) == []
+
+
+def test_the_accelerator_asked_for_must_be_there(monkeypatch):
+    import torch
+
+    from cfae.checks import _check_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="trainer.accelerator=gpu: this machine has no CUDA GPU"):
+        _check_accelerator("gpu")
+    _check_accelerator("cpu")
+
+
+@pytest.mark.slow
+def test_the_command_line_prints_one_line_and_exits_1_or_the_traceback_when_asked(data_root, tmp_path):
+    done = run("train.py", tmp_path, data_root, "hidden=0")
+    assert done.returncode == 1 and done.stdout.strip().splitlines() == [
+        "error: hidden=0: must be an integer >= 1 (the latent size; null: the model's default)"]
+    full = run("train.py", tmp_path, data_root, "hidden=0", HYDRA_FULL_ERROR="1")
+    assert full.returncode == 1 and "Traceback" in full.stdout and "ConfigError" in full.stdout
+    missing = run("train.py", tmp_path, tmp_path / "nowhere", "data.download=false")
+    assert missing.returncode == 1 and len(missing.stdout.strip().splitlines()) == 1, missing.stdout
+    swept = run("sweep.py", tmp_path, data_root, "hidden=8,16", "data.batch_size=0")
+    assert swept.returncode == 1
+    assert swept.stdout.strip().splitlines()[-1] == "error: data.batch_size=0: must be an integer >= 1"
+    assert trials(tmp_path, "autorec-ml1m-item-fold0") == []
+
+
+def test_an_unreachable_tracking_server_is_said_at_once(data_root, tmp_path):
+    from cfae.stores import StoreError
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    began = time.monotonic()
+    with pytest.raises(StoreError, match=f"MLflow tracking server http://127.0.0.1:{port} does not answer"):
+        mlflow_client(f"http://127.0.0.1:{port}")
+    assert time.monotonic() - began < 10
+
+
+def test_a_folder_in_use_by_a_run_is_refused(tmp_path):
+    from cfae.train import claimed
+
+    with claimed(tmp_path / "out"):
+        with pytest.raises(ConfigError, match="is in use by another run"):
+            with claimed(tmp_path / "out"):
+                pass
+    with claimed(tmp_path / "out"):  # free again once the run is over
+        pass
+
+
+# --- the seams this rests on ------------------------------------------------------------------------------
+def test_the_sweeper_takes_exactly_the_optuna_sweeper_plugins_configuration():
+    """cfae's sweeper is the `_target_` of hydra-optuna-sweeper's config schema (`hydra/sweeper: optuna`):
+    a field added or renamed upstream must show up here, not as a TypeError in the middle of a sweep."""
+    import dataclasses
+    import inspect
+
+    from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+
+    from cfae.sweep import OptunaSweep
+
+    fields = {f.name for f in dataclasses.fields(OptunaSweeperConf)} - {"_target_", "defaults"}
+    assert fields == set(inspect.signature(OptunaSweep.__init__).parameters) - {"self"}
+
+
+def test_the_sweep_layer_uses_no_private_optuna_or_sweeper_api_and_patches_nothing():
+    """No private attribute (`study._storage`, `._study_id`), no replaced Optuna function, nothing of the
+    sweeper plugin's private `_impl`. (The one storage call, in cfae/studies.py, is to the public methods
+    `BaseStorage.get_study_id_from_name` and `get_trial_id_from_study_id_trial_number`.)"""
+    pattern = r"\._storage\|\._study_id\|\._trial_id\|optuna\.[a-z_.]* = \|_impl\b"
+    found = subprocess.run(["grep", "-rn", pattern, "cfae", "hydra_plugins", "sweep.py", "train.py"], cwd=ROOT,
+                           capture_output=True, text=True).stdout
+    assert found == ""
+
+
+def test_a_process_is_known_dead_only_when_it_is(tmp_path):
+    from cfae.processes import has_died, this_process
+
+    assert not has_died(this_process())
+    child = subprocess.Popen([sys.executable, "-c", "from cfae.processes import this_process; print(this_process())"],
+                             stdout=subprocess.PIPE, text=True)
+    identity = child.communicate()[0].strip()
+    assert has_died(identity)
+    assert not has_died("another-host:1:1")  # elsewhere: left to the heartbeats
