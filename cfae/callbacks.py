@@ -4,6 +4,7 @@ sweep, the trial's reports to Optuna."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -42,17 +43,16 @@ class DivergenceGuard(Callback):
     """Ends a run whose training has blown up, with an error that says so, instead of letting it finish
     with a useless model that looks like a result (in a sweep: a failed trial, never a best value).
 
-    Two bounds, both far from any run that learns: a training loss (the MSE of the reconstruction) above
-    10 x the squared width of the rating scale (160 on 1..5: predictions far outside the scale), and, once
-    the model has done better than predicting the training mean for every rating (`baseline_rmse`, about
-    1.12 on ML-1M), a validation RMSE above `factor` x that. (Before that point a slow start is normal: an
-    AutoRec whose outputs start near 0 scores about 2.6 until it has learnt the mean.)
+    The bound is on the training loss (the MSE of the reconstruction, whose predictions are not clamped):
+    above 10 x the squared width of the rating scale (160 on 1..5) the predictions lie far outside the
+    scale, which no run that learns comes near; a non-finite loss or validation RMSE fails too. The
+    validation RMSE itself cannot explode: predictions are clamped to the scale before it is measured, so a
+    diverged AutoRec (Adam at lr 1e6) scores about 1.8 on ML-100K while its loss is 1e16, and a sound one
+    that starts slowly scores worse (about 2.6 while it learns the mean).
     """
 
-    def __init__(self, baseline_rmse: float, rating_min: float, rating_max: float, factor: float = 1.5):
+    def __init__(self, rating_min: float, rating_max: float):
         self.max_loss = 10 * (rating_max - rating_min) ** 2
-        self.max_rmse, self.baseline_rmse, self.factor = factor * baseline_rmse, baseline_rmse, factor
-        self.learnt = False  # whether val/rmse has been below baseline_rmse
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         loss = trainer.callback_metrics.get("train/loss")
@@ -62,13 +62,9 @@ class DivergenceGuard(Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         rmse = trainer.callback_metrics.get("val/rmse")
-        if trainer.sanity_checking or rmse is None:
-            return
-        self.learnt = self.learnt or float(rmse) < self.baseline_rmse
-        if self.learnt and not float(rmse) <= self.max_rmse:
-            raise Diverged(f"training diverged: val/rmse={float(rmse):.4f} at epoch {trainer.current_epoch}, "
-                           f"more than {self.factor:g} x the {self.baseline_rmse:.4f} of predicting the mean rating, "
-                           f"which it had beaten; lower optimizer.lr?")
+        if not trainer.sanity_checking and rmse is not None and not math.isfinite(float(rmse)):
+            raise Diverged(f"training diverged: val/rmse is {float(rmse)} at epoch {trainer.current_epoch}; "
+                           f"lower optimizer.lr?")
 
 
 class LastCheckpoint(Checkpoint):

@@ -124,14 +124,19 @@ def _check_accelerator(accelerator: str | None) -> None:
         raise ConfigError("trainer.accelerator=mps: Apple's Metal backend is not available here")
 
 
-def check_model_fits_data(cfg: DictConfig, n_rows: int, n_cols: int) -> None:
-    """Checks that need the data's shape: a closed-form SVD's rank."""
+def check_against_data(cfg: DictConfig, n_rows: int, n_cols: int, n_items: int) -> None:
+    """Checks that need the data's shape: a closed-form SVD's rank, and a ranking cut-off below the number
+    of items."""
     if cfg.model.get("_target_", "").endswith("ImputedSVD"):
         rank = cfg.model.n_factors
         if rank >= min(n_rows, n_cols):
             key = "hidden" if cfg.get("hidden") is not None else "model.n_factors"
             raise ConfigError(f"{key}={rank}: the SVD's rank must be below min(rows, columns) = "
                               f"{min(n_rows, n_cols)} for this data")
+    k = OmegaConf.select(cfg, "ranking.k")
+    if k is not None and k >= n_items:
+        raise ConfigError(f"ranking.k={k}: must be below the number of items, {n_items} in this data "
+                          f"(ranking=null skips the ranking metrics)")
 
 
 @contextlib.contextmanager

@@ -575,8 +575,8 @@ class MovieLensDataModule(L.LightningDataModule):
 
     @property
     def baseline_rmse(self) -> float:
-        """RMSE on the validation ratings of predicting the training part's mean rating: the reference a
-        diverging model is compared with."""
+        """RMSE on the validation ratings of predicting the training part's mean rating: the reference any
+        model should beat."""
         errors = self.val_matrix.data.astype(np.float64) - self.train_matrix.data.astype(np.float64).mean()
         return float(np.sqrt(np.mean(errors**2)))
 

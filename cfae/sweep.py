@@ -25,6 +25,7 @@ import itertools
 import logging
 import math
 import os
+import signal
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -175,17 +176,21 @@ class OptunaSweep(Sweeper):
             distributions, fixed, grid = self.prepare(arguments)
         study = self.open_study(grid)
         parent = self.start_parent_run() if self.config.get("logger") else None
-        status, told = "FAILED", {"all": 0, "failed": 0}
+        status, error, told = "FINISHED", None, {"all": 0, "failed": 0}
         try:
             while batch := self.ask_batch(study, distributions, grid):
                 self.run_batch(study, batch, fixed, parent, told)
-            status = "FINISHED"
         except BaseException as err:
-            status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+            if isinstance(err, KeyboardInterrupt | SystemExit):  # a job exits with 128 + the signal that stopped it
+                code = 128 + signal.SIGINT if isinstance(err, KeyboardInterrupt) else err.code
+                cause = signal.Signals(code - 128).name if isinstance(code, int) and code > 128 else f"exit {code}"
+                status, error = "KILLED", f"interrupted ({cause})"
+            else:
+                status, error = "FAILED", f"{type(err).__name__}: {err}"[:5000]
             raise
         finally:
             if parent:
-                summarise_study(study, parent, self.tracking_uri, status)
+                summarise_study(study, parent, self.tracking_uri, status, error)
         if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             log.warning("no trial completed (all pruned or failed): the study has no best value")
 
@@ -252,10 +257,12 @@ class OptunaSweep(Sweeper):
         ]
         try:
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-        except BaseException:  # interrupted: these trials are failed and tried again next time
+        except BaseException:  # interrupted: the trials still running are failed and tried again next time
+            running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
             for trial in trials:
-                study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-                studies.retry(study, study.trials[trial.number])
+                if trial.number in running:
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                    studies.retry(study, study.trials[trial.number])
             raise
         self.job_idx += len(returns)
         running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
@@ -289,9 +296,13 @@ class OptunaSweep(Sweeper):
         return run.info.run_id
 
 
-def summarise_study(study: optuna.Study, parent_run_id: str, uri: str | None, status: str) -> None:
-    """Best value and params, trial counts, the trials table and Optuna's plots on the parent run."""
+def summarise_study(study: optuna.Study, parent_run_id: str, uri: str | None, status: str,
+                    error: str | None = None) -> None:
+    """Best value and params, trial counts, the trials table and Optuna's plots on the parent run, closed
+    with `status` (and an `error` tag saying why, if it did not finish)."""
     client, _ = mlflow_client(uri)
+    if error:
+        client.set_tag(parent_run_id, "error", error)
     trials = study.get_trials(deepcopy=False)
     for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
         client.log_metric(parent_run_id, f"trials/{state.name.lower()}", sum(t.state == state for t in trials))

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from cfae.callbacks import DivergenceGuard, EpochTimer, LastCheckpoint, TrialReporting
-from cfae.checks import ConfigError, UsageError, check_config, check_model_fits_data
+from cfae.checks import ConfigError, UsageError, check_against_data, check_config
 from cfae.ranking import evaluate_ranking
 from cfae.studies import heartbeat, job_trial
 from cfae.tracking import config_digest, git_commit, mlflow_client, tracking_uri
@@ -132,6 +132,7 @@ def start_run(cfg: DictConfig, datamodule):
     logger = instantiate(cfg.logger, run_name=cfg.logger.run_name or run_name, tags=tags)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     logger.log_hyperparams({f"dataset/{k}": v for k, v in datamodule.stats.items()})
+    logger.log_hyperparams({"dataset/val_rmse_of_the_mean": round(datamodule.baseline_rmse, 4)})  # the reference
     logger.experiment.set_tag(logger.run_id, "mlflow.source.git.commit", git_commit())
     return logger
 
@@ -187,7 +188,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         datamodule = build(cfg.data)
         datamodule.setup("fit")
         # The one place where the data shapes the model: its width, its number of rows and the rating scale.
-        check_model_fits_data(cfg, datamodule.n_rows, datamodule.n_cols)
+        n_items = datamodule.n_cols if cfg.data.orientation == "user" else datamodule.n_rows
+        check_against_data(cfg, datamodule.n_rows, datamodule.n_cols, n_items)
         rating_min, rating_max = datamodule.rating_range
         model = build(cfg.model, n_inputs=datamodule.n_cols, n_rows=datamodule.n_rows, rating_min=rating_min,
                       rating_max=rating_max, optimizer=instantiate(cfg.optimizer),
@@ -226,7 +228,7 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
                                  mode="min", save_top_k=1, save_weights_only=True, enable_version_counter=False)
     rating_min, rating_max = datamodule.rating_range
     callbacks = [checkpoint, last, EarlyStopping(monitor="val/rmse", mode="min", patience=cfg.patience),
-                 EpochTimer(), DivergenceGuard(datamodule.baseline_rmse, rating_min, rating_max)]
+                 EpochTimer(), DivergenceGuard(rating_min, rating_max)]
     if cfg.get("scheduler") and logger:
         callbacks.append(LearningRateMonitor("epoch"))  # the schedule, epoch by epoch, in MLflow
     reporting = TrialReporting(trial) if trial else None

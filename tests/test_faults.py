@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from cfae.checks import ConfigError
+from cfae.stores import store_lock
 from cfae.tracking import mlflow_client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,11 +27,8 @@ LONG = ["trainer.max_epochs=400", "patience=400", "trainer.enable_progress_bar=f
 
 
 def environment(data_root: Path, **extra: str) -> dict:
-    env = {**os.environ, "CFAE_DATA_DIR": str(data_root), **extra}
-    if "MLFLOW_TRACKING_URI" not in extra:
-        env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("HYDRA_FULL_ERROR", None)
-    return env
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
+    return {**env, "CFAE_DATA_DIR": str(data_root), **extra}
 
 
 def start(script: str, cwd: Path, data_root: Path, *args: str, **extra: str) -> subprocess.Popen:
@@ -54,18 +52,22 @@ def wait_for(condition, timeout_s: float = 120, what: str = "") -> None:
 
 
 def mlflow_runs(cwd: Path) -> list:
-    client = MlflowClient(f"sqlite:///{cwd}/mlruns/mlflow.db")
-    experiment = client.get_experiment_by_name("cfae")
-    return client.search_runs([experiment.experiment_id]) if experiment else []
+    url = f"sqlite:///{cwd}/mlruns/mlflow.db"
+    with store_lock(url):  # as cfae does: not while a process creates the store
+        client = MlflowClient(url)
+        experiment = client.get_experiment_by_name("cfae")
+        return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
 def trials(cwd: Path, name: str) -> list:
+    url = f"sqlite:///{cwd}/mlruns/optuna.db"
     if not (cwd / "mlruns" / "optuna.db").is_file():
         return []
-    try:
-        return optuna.load_study(study_name=name, storage=f"sqlite:///{cwd}/mlruns/optuna.db").trials
-    except KeyError:  # the study is not created yet
-        return []
+    with store_lock(url):  # as the sweeps do: not while one of them creates the database
+        try:
+            return optuna.load_study(study_name=name, storage=url).trials
+        except KeyError:  # the study is not created yet
+            return []
 
 
 def last_checkpoints(cwd: Path) -> list[Path]:
@@ -92,8 +94,8 @@ def test_a_sweep_killed_mid_trial_finishes_when_run_again_with_new_points(data_r
     args = [*TPE, "hydra.sweeper.n_trials=4", "trainer.max_epochs=6", "sweep.pruner=null"]
     sweep = start("sweep.py", tmp_path, data_root, *args)
     wait_for(lambda: sum(t.state == TrialState.COMPLETE for t in trials(tmp_path, "tpe")) == 2
-             and any(t.state == TrialState.RUNNING for t in trials(tmp_path, "tpe")), what="the third trial")
-    time.sleep(0.5)  # into the trial's training
+             and any(r.data.tags.get("optuna.trial") == "2" for r in mlflow_runs(tmp_path)),
+             what="the third trial's MLflow run")
     sweep.kill()
     sweep.wait()
     killed = next(t.number for t in trials(tmp_path, "tpe") if t.state == TrialState.RUNNING)
@@ -154,8 +156,9 @@ def test_sigterm_to_a_sweep_fails_the_running_trial_for_a_retry_and_closes_its_r
     (stopped, retry) = trials(tmp_path, "tpe")
     assert stopped.state == TrialState.FAIL and "error" not in stopped.user_attrs
     assert retry.state == TrialState.WAITING and retry.params == stopped.params
-    statuses = {r.info.run_name: r.info.status for r in mlflow_runs(tmp_path)}
-    assert statuses == {"sweep-tpe": "KILLED", "autorec-ml1m-item-fold0-trial0": "KILLED"}
+    closed = {r.info.run_name: (r.info.status, r.data.tags.get("error")) for r in mlflow_runs(tmp_path)}
+    assert closed == {"sweep-tpe": ("KILLED", "interrupted (SIGTERM)"),
+                      "autorec-ml1m-item-fold0-trial0": ("KILLED", "interrupted (SIGTERM)")}
 
 
 def last_checkpoints_of_sweep(cwd: Path) -> list[Path]:
@@ -260,6 +263,7 @@ BAD = {
     "data.fold=5": "data.fold=5: must be an integer from 0 to 4",
     "model=svd hidden=100000": "hidden=100000: the SVD's rank must be below min(rows, columns) = 200",
     "data.min_item_ratings=100000": "no ratings left after dropping movies with fewer than 100000 ratings",
+    "ranking.k=500": "ranking.k=500: must be below the number of items, 200 in this data",
 }
 
 

@@ -86,7 +86,7 @@ def test_n_trials_is_the_studys_budget_and_a_larger_one_extends_it(data_root, tm
             "hydra.sweeper.study_name=resumable", "logger=none"]
     ok(sweep(tmp_path, data_root, *args, "hydra.sweeper.n_trials=2"))
     again = ok(sweep(tmp_path, data_root, *args, "hydra.sweeper.n_trials=2"))
-    assert len(study(tmp_path, "resumable").trials) == 2 and "nothing left to run" in again.stderr
+    assert len(study(tmp_path, "resumable").trials) == 2 and "nothing left to run" in again.stdout + again.stderr
     ok(sweep(tmp_path, data_root, *args, "hydra.sweeper.n_trials=4"))
     trials = study(tmp_path, "resumable").trials
     assert len(trials) == 4 and len({t.params["optimizer.lr"] for t in trials}) == 4
@@ -99,7 +99,7 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(data_root, tmp_path):
     _, all_runs = runs(tmp_path)
     (failed,) = [r for r in all_runs if r.info.status == "FAILED"]
     assert failed.data.tags["error"].startswith("Diverged: training diverged")
-    assert "Failed experiment" in done.stderr + done.stdout
+    assert "failed: Diverged: training diverged" in done.stderr + done.stdout
 
 
 def test_a_sweep_without_a_storage_is_a_clear_error(data_root, tmp_path):
@@ -207,7 +207,7 @@ def postgres():
 
 @pytest.mark.slow
 def test_two_processes_share_one_study_through_a_database(data_root, tmp_path, postgres):
-    args = [*FAST, "model=autorec", "hidden=16", "optimizer.lr=interval(0.001,0.02)", "hydra.sweeper.n_trials=2",
+    args = [*FAST, "model=autorec", "hidden=16", "optimizer.lr=interval(0.001,0.02)", "hydra.sweeper.n_trials=4",
             "hydra.sweeper.study_name=shared", f"hydra.sweeper.storage={postgres}"]
     folders = [tmp_path / "a", tmp_path / "b"]
     procs = []
@@ -219,8 +219,8 @@ def test_two_processes_share_one_study_through_a_database(data_root, tmp_path, p
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs[0][-2000:] + outputs[1][-2000:]
     trials = optuna.load_study(study_name="shared", storage=postgres).trials
-    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
-    assert len({t.number for t in trials}) == 4
+    assert 4 <= len(trials) <= 5 and all(t.state == TrialState.COMPLETE for t in trials)  # a server: may pass by one
+    assert len({t.params["optimizer.lr"] for t in trials}) == len(trials)
 
 
 # --- the MLflow UI shows the sweep ------------------------------------------------------------------
