@@ -187,9 +187,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             torch.set_num_threads(cfg.threads)
         datamodule = build(cfg.data)
         datamodule.setup("fit")
-        # The one place where the data shapes the model: its width, its number of rows and the rating scale.
         n_items = datamodule.n_cols if cfg.data.orientation == "user" else datamodule.n_rows
         check_against_data(cfg, datamodule.n_rows, datamodule.n_cols, n_items)
+        # The one place where the data shapes the model: its width, its number of rows and the rating scale.
         rating_min, rating_max = datamodule.rating_range
         model = build(cfg.model, n_inputs=datamodule.n_cols, n_rows=datamodule.n_rows, rating_min=rating_min,
                       rating_max=rating_max, optimizer=instantiate(cfg.optimizer),
