@@ -4,14 +4,17 @@ import hydra
 from omegaconf import DictConfig
 
 from cfae.checks import reported_in_one_line
+from cfae.console import quiet_libraries
 from cfae.train import OBJECTIVE, train
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    quiet_libraries()
     with reported_in_one_line():  # a bad value or data file: one line and exit 1 (HYDRA_FULL_ERROR=1: traceback)
         return train(cfg)[OBJECTIVE]  # the value a sweep minimises
 
 
 if __name__ == "__main__":
+    quiet_libraries()  # before Hydra starts: the sweeper opens the stores before any job runs
     main()

@@ -4,6 +4,20 @@ import torch
 from omegaconf import OmegaConf
 
 __version__ = "0.1.0"
+__all__ = ["Trained", "compose", "fit"]
+
+
+def __getattr__(name: str):
+    """`cfae.compose`, `cfae.fit` and `cfae.Trained`, imported when first used: `import cfae` stays light."""
+    if name == "compose":
+        from cfae.configs import compose
+
+        return compose
+    if name in ("fit", "Trained"):
+        from cfae import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module 'cfae' has no attribute {name!r}")
 
 
 def _layers(hidden: int | None, depth: int | None, *default: int) -> list[int]:

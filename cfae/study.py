@@ -21,15 +21,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cfae.checks import check_config, reported_in_one_line
+from cfae.configs import CONF, compose
+from cfae.console import quiet_libraries
 from cfae.tracking import config_digest, finished_study_runs, mlflow_client
 from cfae.train import train
 
 log = logging.getLogger("cfae.study")
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @dataclass
@@ -73,12 +73,8 @@ def compose_run(run: Run, name: str, overrides: list[str], output_root: Path) ->
     """The run's training config, as train.py would compose it, with the study's tags on its logger. The
     run's own overrides (fold, protocol, the figure's knob) come last: they win over the study-wide ones."""
     output_dir = output_root / run.key.replace("=", "-")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"+experiment={run.experiment}", *overrides, *run.overrides,
-                                          f"output_dir={output_dir}"], return_hydra_config=True)
+    cfg = compose(f"+experiment={run.experiment}", *overrides, *run.overrides, f"output_dir={output_dir}")
     with open_dict(cfg):
-        cfg.choices = {group: cfg.hydra.runtime.choices.get(group) for group in ("model", "experiment")}
-        del cfg["hydra"]
         if not cfg.get("logger"):
             raise SystemExit("the study records its runs in MLflow: drop logger=none")
         cfg.logger.tags = {**(cfg.logger.get("tags") or {}), **run.tags, "cfae.study": name, "cfae.key": run.key}
@@ -102,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    quiet_libraries()
     study = OmegaConf.load(args.config)
     name = args.name or study.name
     runs = plan(study, [int(f) for f in args.folds.split(",")] if args.folds else None)

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import optuna
@@ -165,7 +166,21 @@ def end_run(logger, err: BaseException, signum: signal.Signals | None) -> None:
         logger.experiment.set_terminated(logger.run_id, status)
 
 
+class Trained(NamedTuple):
+    """What `fit` gives back: the model with its best weights, its data, metrics and MLflow run id."""
+
+    model: L.LightningModule
+    datamodule: L.LightningDataModule
+    metrics: dict[str, float]
+    run_id: str | None  # None without a logger
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
+    """`fit(cfg)`'s metrics: what train.py, sweeps and the study need."""
+    return fit(cfg).metrics
+
+
+def fit(cfg: DictConfig) -> Trained:
     """Fit on the training part, early-stop on `val/rmse`, evaluate the best checkpoint on the test part.
 
     Every value is checked before data loads, and every run ends FINISHED, FAILED (with an `error` tag) or
@@ -215,7 +230,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 log.error("stopped by %s%s", signum.name, saved)
                 raise SystemExit(128 + signum) from None
             raise
-    return metrics
+    return Trained(model, datamodule, metrics, logger.run_id if logger else None)
 
 
 def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoint, trial: optuna.Trial | None,
@@ -269,7 +284,12 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
             trial.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
             trial.study.tell(trial, metrics[OBJECTIVE])
-    log.info("%s: val/rmse_best=%.4f test/rmse=%s epochs=%d fit=%.1fs (best checkpoint %s)",
-             "pruned" if pruned else "done", metrics[OBJECTIVE], f"{metrics.get('test/rmse', float('nan')):.4f}",
-             metrics["epochs"], metrics["time/fit_s"], checkpoint.best_model_path)
+    summary = "  ".join(f"{k}={metrics[k]:.4f}" for k in ("test/rmse", "test/recall_at_10", "test/ndcg_at_10")
+                        if k in metrics)
+    log.info("%s after %d epochs (%.1f s): val/rmse_best=%.4f  %s", "pruned" if pruned else "done",
+             metrics["epochs"], metrics["time/fit_s"], metrics[OBJECTIVE], summary)
+    log.info("checkpoints: %s", output_dir / "checkpoints")
+    if logger:
+        uri = tracking_uri(cfg.logger.uri)
+        log.info("MLflow run %s in %s; browse with: mlflow ui --backend-store-uri %s", logger.run_id, uri, uri)
     return metrics

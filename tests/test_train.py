@@ -160,3 +160,27 @@ def test_keep_freed_memory_takes_effect_with_glibc_and_large_tensors_still_work(
     big = torch.ones(64 * 2**20 // 4)  # 64 MB: above glibc's default mmap threshold
     del big
     assert torch.zeros(64 * 2**20 // 4).sum() == 0  # a reused block still comes out zeroed where asked
+
+
+def test_a_model_is_composed_trained_and_returned_from_python_without_hydras_runtime(data_root, tmp_path, monkeypatch):
+    import cfae
+
+    monkeypatch.chdir(tmp_path)  # the output folder goes under ./outputs/
+    cfg = cfae.compose("model=deep", "hidden=8", "depth=2", f"data.root={data_root}", "data.download=false",
+                       "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "ranking=null",
+                       f"logger.uri=sqlite:///{tmp_path}/mlruns/mlflow.db")
+    trained = cfae.fit(cfg)
+    assert isinstance(trained.model, cfae.models.DeepAutoencoder) and trained.model.encoder[0].bias.shape == (8,)
+    assert trained.metrics["epochs"] == 2 and 0 < trained.metrics["test/rmse"] < 4
+    assert Path(cfg.output_dir).parts[0] == "outputs" and (tmp_path / cfg.output_dir / "config.yaml").is_file()
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db").get_run(trained.run_id)
+    assert run.info.run_name == "deep-ml1m-item-fold0" and run.info.status == "FINISHED"
+    # the returned model holds the best weights: scoring the validation part again gives val/rmse_best
+    import torch
+
+    trained.model.eval()
+    with torch.no_grad():
+        errors = [(trained.model.predict_held_out(b).clamp(1, 5) - b.targets.val).pow(2).sum()
+                  for b in trained.datamodule.val_dataloader()]
+    rmse = (sum(errors) / trained.datamodule.val_matrix.nnz).sqrt().item()
+    assert rmse == pytest.approx(trained.metrics["val/rmse_best"], abs=2e-3)
