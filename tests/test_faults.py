@@ -187,16 +187,18 @@ def test_two_runs_started_together_on_a_new_store_both_finish_in_folders_of_thei
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_state_ends_the_run_killed_and_exits_non_zero(data_root, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_the_state_ends_the_run_killed_and_exits_non_zero(data_root, tmp_path, signum):
     process = start("train.py", tmp_path, data_root, *LONG)
     wait_for(lambda: last_checkpoints(tmp_path), what="the first epoch's last.ckpt")  # written after epoch 1
     time.sleep(1)
     written = last_checkpoints(tmp_path)[0].stat().st_mtime_ns
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     output = process.communicate(timeout=120)[0]
-    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert process.returncode == 128 + signum, output[-3000:]
+    assert "Traceback" not in output
     (r,) = mlflow_runs(tmp_path)
-    assert r.info.status == "KILLED" and r.data.tags["error"] == "interrupted (SIGTERM)"
+    assert r.info.status == "KILLED" and r.data.tags["error"] == f"interrupted ({signum.name})"
     assert last_checkpoints(tmp_path)[0].stat().st_mtime_ns > written  # saved again on the way out
 
 
