@@ -23,8 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cfae.data import SparseRows
-from cfae.models.base import column_sums
+from cfae.sparse import SparseRows, column_sums
 from cfae.train import keep_freed_memory
 
 SHAPES = {"ml1m": (6_040, 233), "ml20m": (138_493, 568)}  # columns, ratings per row

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cfae.checks import UsageError
+from cfae.sparse import EvalBatch, SparseRows
 
 log = logging.getLogger(__name__)
 
@@ -338,71 +339,6 @@ def split_ratings(n_ratings: int, fold: int, n_folds: int = 5, test_fraction: fl
 
 # ----------------------------------------------------------------------------------------------------
 # Batches
-
-
-def entry_rows(crow: torch.Tensor, nnz: int) -> torch.Tensor:
-    """(nnz,) the row of each entry of a CSR matrix with row offsets `crow`."""
-    rows = torch.arange(len(crow) - 1, device=crow.device)
-    return torch.repeat_interleave(rows, crow.diff(), output_size=nnz)
-
-
-class SparseRows(NamedTuple):
-    """A batch of CSR rows as torch tensors; Lightning moves it to the model's device as a whole."""
-
-    rows: torch.Tensor  # (batch,) int64 index of each row in the whole matrix (for per-row parameters)
-    crow: torch.Tensor  # (batch + 1,) int64 row offsets into col/val
-    col: torch.Tensor  # (nnz,) int64
-    val: torch.Tensor  # (nnz,) float32
-    n_cols: int
-
-    @classmethod
-    def from_csr(cls, matrix: sp.csr_matrix, rows: np.ndarray) -> SparseRows:
-        """The rows `rows` of `matrix`."""
-        m = matrix[rows]
-        return cls(torch.as_tensor(rows, dtype=torch.int64), torch.from_numpy(m.indptr.astype(np.int64)),
-                   torch.from_numpy(m.indices.astype(np.int64)), torch.from_numpy(m.data.astype(np.float32)),
-                   m.shape[1])
-
-    @property
-    def n_rows(self) -> int:
-        return len(self.crow) - 1
-
-    def row_index(self) -> torch.Tensor:
-        """(nnz,) the row of each stored entry."""
-        return entry_rows(self.crow, len(self.col))
-
-    def take(self, rows: torch.Tensor) -> SparseRows:
-        """Rows `rows` (positions in this batch) as a batch of their own, on this batch's device, in a few
-        vectorised ops: how a matrix held on the GPU serves its training batches."""
-        start = self.crow[rows]
-        lengths = self.crow[rows + 1] - start
-        crow = torch.zeros(len(rows) + 1, dtype=torch.int64, device=self.crow.device)
-        torch.cumsum(lengths, 0, out=crow[1:])
-        nnz = int(crow[-1])
-        at = torch.repeat_interleave(start - crow[:-1], lengths, output_size=nnz)
-        at += torch.arange(nnz, device=self.crow.device)  # entry j of row i sits at start[i] + j
-        return SparseRows(self.rows[rows], crow, self.col[at], self.val[at], self.n_cols)
-
-    def to(self, device: torch.device) -> SparseRows:
-        return SparseRows(*(t.to(device) for t in self[:4]), self.n_cols)
-
-    def cells(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(nnz,) each: the matrix row and the column of each stored entry."""
-        return self.rows[self.row_index()], self.col
-
-    def to_dense(self) -> torch.Tensor:
-        dense = torch.zeros(self.n_rows, self.n_cols, device=self.val.device)  # (batch, n_cols)
-        dense[self.row_index(), self.col] = self.val
-        return dense
-
-
-class EvalBatch(NamedTuple):
-    """Rows to evaluate: their input ratings, their held-out ratings, and the fallback for each held-out
-    rating (NaN where the model's prediction is used)."""
-
-    inputs: SparseRows
-    targets: SparseRows
-    fallback: torch.Tensor  # (targets nnz,)
 
 
 class ShuffledBatches(torch.utils.data.Sampler[list[int]]):

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from cfae.data import SparseRows
+from cfae.sparse import SparseRows
 
 
 @torch.no_grad()

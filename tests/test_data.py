@@ -11,13 +11,13 @@ from cfae.data import (
     DataError,
     MovieLensDataModule,
     Ratings,
-    SparseRows,
     build_matrix,
     fallback_predictions,
     locate_ratings,
     read_ratings,
     split_ratings,
 )
+from cfae.sparse import SparseRows
 from cfae.synthetic import planted_ratings, write_ratings
 
 

@@ -6,9 +6,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cfae.data import MovieLensDataModule, SparseRows
+from cfae.data import MovieLensDataModule
 from cfae.models import VAE, AutoRec, DeepAutoencoder
-from cfae.models.base import SampledLinear, SparseLinear, SparseRowsTimesDense, masked_mse
+from cfae.models.base import masked_mse
+from cfae.sparse import SampledLinear, SparseLinear, SparseRows, SparseRowsTimesDense
 
 
 def random_rows(n_rows=6, n_cols=9, density=0.3, seed=0) -> SparseRows:

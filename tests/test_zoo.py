@@ -8,10 +8,10 @@ from hydra import compose, initialize_config_dir
 from test_models import random_rows
 from test_train import ROOT
 
-from cfae.data import SparseRows
 from cfae.models import VAE, AutoRec, DeepAutoencoder, MatrixFactorization
 from cfae.models.base import masked_mse
 from cfae.models.baselines import imputed_svd
+from cfae.sparse import SparseRows
 from cfae.train import train
 
 ADAM = torch.optim.Adam

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from cfae.data import SparseRows
-from cfae.models.base import RatingModel, SparseLinear, activation, corrupt
+from cfae.models.base import RatingModel, activation, corrupt
+from cfae.sparse import SparseLinear, SparseRows
 
 
 class AutoRec(RatingModel):

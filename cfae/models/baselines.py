@@ -17,8 +17,9 @@ import torch
 from scipy.sparse.linalg import LinearOperator, svds
 from torch import Tensor, nn
 
-from cfae.data import SparseRows, rating_means
+from cfae.data import rating_means
 from cfae.models.base import RatingModel
+from cfae.sparse import SparseRows
 
 
 class MatrixFactorization(RatingModel):

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cfae.data import SparseRows
-from cfae.models.base import RatingModel, SparseLinear, activation, corrupt, decoder_layers
+from cfae.models.base import RatingModel, activation, corrupt, decoder_layers
+from cfae.sparse import SparseLinear, SparseRows
 
 
 class VAE(RatingModel):
