@@ -29,11 +29,14 @@ PROCESS = "cfae.process"  # user attribute: the process training the trial
 ERROR = "error"  # user attribute of a trial that failed by its own error (not by its process dying)
 
 
+MAX_RETRY = 2
+
+
 def retry(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Enqueue the point of a trial whose process died, at most twice for one point."""
+    """Enqueue the point of a trial whose process died, at most `MAX_RETRY` times for one point."""
     with warnings.catch_warnings():  # "experimental" since Optuna 2.8, and the replacement of a deprecated one
         warnings.filterwarnings("ignore", category=ExperimentalWarning)
-        RetryHeartbeatStaleTrialCallback(max_retry=2)(study, trial)
+        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
 
 
 def database(url: str) -> RDBStorage:
@@ -109,8 +112,8 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
 
 def counts_against_budget(trial: FrozenTrial) -> bool:
     """Whether a trial has taken one of the study's `n_trials`: finished (complete, pruned, failed by its own
-    error) or running. Not one whose process died (its point waits to be tried again), nor a waiting one
-    (the next ask takes it)."""
-    if trial.state == TrialState.FAIL:
-        return ERROR in trial.user_attrs
+    error or by its process dying on the last retry) or running. Not one whose process died with retries
+    left (its point waits to be tried again), nor a waiting one (the next ask takes it)."""
+    if trial.state == TrialState.FAIL:  # by its own error, or its process died once too often: given up
+        return ERROR in trial.user_attrs or len(trial.system_attrs.get("retry_history", [])) >= MAX_RETRY
     return trial.state != TrialState.WAITING

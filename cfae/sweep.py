@@ -47,7 +47,7 @@ from optuna.trial import TrialState
 
 from cfae import studies
 from cfae.checks import ConfigError, check_config, reported_in_one_line
-from cfae.processes import this_process
+from cfae.processes import has_died, this_process
 from cfae.stores import store_lock
 from cfae.tracking import mlflow_client
 
@@ -190,7 +190,10 @@ class OptunaSweep(Sweeper):
             raise
         finally:
             if parent:
-                summarise_study(study, parent, self.tracking_uri, status, error)
+                try:
+                    summarise_study(study, parent, self.tracking_uri, status, error)
+                except Exception:  # the sweep's own outcome (its error, its exit status) comes first
+                    log.exception("could not summarise the sweep in MLflow run %s", parent)
         if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             log.warning("no trial completed (all pruned or failed): the study has no best value")
 
@@ -257,12 +260,14 @@ class OptunaSweep(Sweeper):
         ]
         try:
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-        except BaseException:  # interrupted: the trials still running are failed and tried again next time
-            running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-            for trial in trials:
-                if trial.number in running:
-                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-                    studies.retry(study, study.trials[trial.number])
+        except BaseException:  # interrupted: trials whose job ran here (or died) are failed, to be tried again;
+            # a job still running elsewhere (a cluster) finishes and tells its own result
+            here = this_process()
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                process = t.user_attrs.get(studies.PROCESS, "")
+                if t.number in {trial.number for trial in trials} and (process == here or has_died(process)):
+                    study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+                    studies.retry(study, t)
             raise
         self.job_idx += len(returns)
         running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
@@ -270,8 +275,9 @@ class OptunaSweep(Sweeper):
             try:
                 value = float(ret.return_value)  # raises the job's own exception, if it had one
             except Exception as err:
-                trial.set_user_attr(studies.ERROR, f"{type(err).__name__}: {err}"[:2000])
-                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                if trial.number in running:  # else another sweep found its process dead and failed it already
+                    trial.set_user_attr(studies.ERROR, f"{type(err).__name__}: {err}"[:2000])
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 told["failed"] += 1
                 log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, str(err).splitlines()[0])
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -49,6 +50,19 @@ class RunLogger(MLFlowLogger):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.pending.append((dict(metrics), step))
         self.flush()
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        """Lightning calls this at the end of every fit and test: the run is closed by `close` at its real
+        end instead (after the test, the ranking and the artifacts), so that a process killed during the
+        test leaves it RUNNING, to be marked FAILED, not FINISHED without its results. A failure Lightning
+        reports ("failed") closes it at once, if the store takes it."""
+        if status == "failed":
+            with contextlib.suppress(Exception):
+                super().finalize(status)
+
+    def close(self, status: str = "FINISHED") -> None:
+        super().finalize(status)
 
     def flush(self) -> bool:
         """Send what is waiting; whether everything went through."""

@@ -278,12 +278,16 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
         if not logger.flush():
             raise RuntimeError("the tracking store still does not take this run's metrics; its checkpoints "
                                f"are in {output_dir / 'checkpoints'}")
-        logger.finalize("KILLED" if pruned else "success")
+        logger.close("KILLED" if pruned else "FINISHED")
     if trial is not None:  # the job tells its own result: the study has it even if the sweeper dies now
-        if pruned:
-            trial.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        else:
-            trial.study.tell(trial, metrics[OBJECTIVE])
+        try:
+            if pruned:
+                trial.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            else:
+                trial.study.tell(trial, metrics[OBJECTIVE])
+        except (ValueError, RuntimeError) as err:  # failed meanwhile (its heartbeat seemed lost): keep the run
+            log.warning("trial %d was already closed in the study (%s); its result stays in this run",
+                        trial.number, err)
     summary = "  ".join(f"{k}={metrics[k]:.4f}" for k in ("test/rmse", "test/recall_at_10", "test/ndcg_at_10")
                         if k in metrics)
     log.info("%s after %d epochs (%.1f s): val/rmse_best=%.4f  %s", "pruned" if pruned else "done",

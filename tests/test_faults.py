@@ -363,3 +363,31 @@ def test_a_process_is_known_dead_only_when_it_is(tmp_path):
     identity = child.communicate()[0].strip()
     assert has_died(identity)
     assert not has_died("another-host:1:1")  # elsewhere: left to the heartbeats
+
+
+def test_a_run_is_closed_at_its_real_end_not_when_lightning_ends_the_fit(tmp_path):
+    from cfae.tracking import mlflow_logger
+
+    logger = mlflow_logger(uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db", run_name="closing")
+    logger.log_metrics({"val/rmse": 1.0}, step=0)
+    logger.finalize("success")  # what Lightning calls after fit and after test
+    (r,) = mlflow_runs(tmp_path)
+    assert r.info.status == "RUNNING"  # a kill during the test would leave it to be marked FAILED
+    logger.close()
+    (r,) = mlflow_runs(tmp_path)
+    assert r.info.status == "FINISHED"
+
+
+def test_a_point_whose_process_died_on_every_retry_is_given_up():
+    from optuna.distributions import FloatDistribution
+
+    from cfae.studies import MAX_RETRY, counts_against_budget
+
+    def dead(history):
+        return optuna.trial.create_trial(state=TrialState.FAIL, params={"x": 0.5},
+                                         distributions={"x": FloatDistribution(0, 1)},
+                                         system_attrs={"retry_history": history} if history else None)
+
+    assert not counts_against_budget(dead([]))  # to be tried again
+    assert not counts_against_budget(dead([0]))
+    assert counts_against_budget(dead(list(range(MAX_RETRY))))  # no retry left: it took its place
