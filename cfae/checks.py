@@ -30,21 +30,23 @@ class Diverged(UsageError, FloatingPointError):
     high for the model."""
 
 
-def _number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
+    """A finite int or float, not a bool."""
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _int(x: Any) -> bool:
+def is_int(x: Any) -> bool:
+    """An int, not a bool."""
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-positive_int = (lambda x: _int(x) and x >= 1, "an integer >= 1")
-count = (lambda x: _int(x) and x >= 0, "an integer >= 0")
-positive = (lambda x: _number(x) and x > 0, "a number > 0")
-non_negative = (lambda x: _number(x) and x >= 0, "a number >= 0")
-fraction = (lambda x: _number(x) and 0 <= x < 1, "a number >= 0 and < 1")
-open_fraction = (lambda x: _number(x) and 0 < x < 1, "a number > 0 and < 1")
-layer_list = (lambda x: isinstance(x, list) and len(x) > 0 and all(_int(v) and v >= 1 for v in x),
+positive_int = (lambda x: is_int(x) and x >= 1, "an integer >= 1")
+count = (lambda x: is_int(x) and x >= 0, "an integer >= 0")
+positive = (lambda x: is_number(x) and x > 0, "a number > 0")
+non_negative = (lambda x: is_number(x) and x >= 0, "a number >= 0")
+fraction = (lambda x: is_number(x) and 0 <= x < 1, "a number >= 0 and < 1")
+open_fraction = (lambda x: is_number(x) and 0 < x < 1, "a number > 0 and < 1")
+layer_list = (lambda x: isinstance(x, list) and len(x) > 0 and all(is_int(v) and v >= 1 for v in x),
               "a non-empty list of integers >= 1")
 
 # (key, (test, what is allowed), why). Sweep knobs come first: a bad knob is named as the user typed it,
@@ -100,7 +102,7 @@ def check_config(cfg: DictConfig) -> None:
         if value is not None and not test(value):  # None: absent, or null for the model's default
             raise ConfigError(f"{key}={_show(value)}: must be {allowed}" + (f" ({why})" if why else ""))
     fold, n_folds = OmegaConf.select(cfg, "data.fold"), OmegaConf.select(cfg, "data.n_folds")
-    if fold is not None and not (_int(fold) and 0 <= fold < n_folds):
+    if fold is not None and not (is_int(fold) and 0 <= fold < n_folds):
         raise ConfigError(f"data.fold={_show(fold)}: must be an integer from 0 to {n_folds - 1} "
                           f"(data.n_folds={n_folds})")
     orientation = OmegaConf.select(cfg, "data.orientation")

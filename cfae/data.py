@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cfae.checks import UsageError
+from cfae.checks import UsageError, is_int, is_number
 from cfae.sparse import EvalBatch, SparseRows
 
 log = logging.getLogger(__name__)
@@ -314,14 +314,10 @@ class Split(NamedTuple):
 def check_split(fold: int, n_folds: int, test_fraction: float, val_fraction: float) -> None:
     if not 0 <= fold < n_folds:
         raise DataError(f"data.fold={fold} is outside 0..{n_folds - 1}")
-    if not (_is_number(test_fraction) and 0 < test_fraction < 1):
+    if not (is_number(test_fraction) and 0 < test_fraction < 1):
         raise DataError(f"data.test_fraction={test_fraction}: must be > 0 and < 1")
-    if not (_is_number(val_fraction) and 0 < val_fraction < 1):
+    if not (is_number(val_fraction) and 0 < val_fraction < 1):
         raise DataError(f"data.val_fraction={val_fraction}: must be > 0 and < 1 (validation drives early stopping)")
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def split_ratings(n_ratings: int, fold: int, n_folds: int = 5, test_fraction: float = 0.2,
@@ -447,7 +443,7 @@ class MovieLensDataModule(L.LightningDataModule):
             raise DataError(f"data.orientation={orientation!r}: expected 'item' or 'user'")
         check_split(fold, n_folds, test_fraction, val_fraction)  # bad settings fail here, not at setup
         for key, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+            if not (is_int(size) and size > 0):
                 raise DataError(f"data.{key}={size}: must be a positive integer")
         self.dataset, self.root, self.download = dataset, root, download
         self.min_item_ratings, self.orientation = min_item_ratings, orientation

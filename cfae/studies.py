@@ -21,14 +21,12 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import FrozenTrial, TrialState
 
 from cfae.processes import has_died, this_process
-from cfae.stores import sqlite_file, store_lock
+from cfae.stores import store_lock
 
 HEARTBEAT_S = 20
 GRACE_S = 90
 PROCESS = "cfae.process"  # user attribute: the process training the trial
 ERROR = "error"  # user attribute of a trial that failed by its own error (not by its process dying)
-
-
 MAX_RETRY = 2
 
 
@@ -42,9 +40,6 @@ def retry(study: optuna.Study, trial: FrozenTrial) -> None:
 def database(url: str) -> RDBStorage:
     """The study database at `url`, with heartbeats. Processes creating a new sqlite database together do it
     one at a time."""
-    db = sqlite_file(url)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
     with store_lock(url):
         return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                           heartbeat_stale_trial_callback=retry)
@@ -59,33 +54,31 @@ def ask(study: optuna.Study, distributions: dict) -> optuna.Trial:
     return trial
 
 
-def trial_id(storage: RDBStorage, study_name: str, number: int) -> int:
-    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
-
-
 def job_trial(study_name: str, url: str, number: int,
-              pruner: optuna.pruners.BasePruner) -> tuple[optuna.Trial, RDBStorage]:
+              pruner: optuna.pruners.BasePruner) -> tuple[optuna.Trial, contextlib.AbstractContextManager]:
     """The running trial `number` of the study as the job training it sees it (to report, to prune and to
-    tell its result), and the storage to beat its heartbeat in."""
+    tell its result), and a context that beats its heartbeat while the job trains."""
     storage = database(url)
     study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
-    trial = optuna.Trial(study, trial_id(storage, study_name, number))
+    # Public BaseStorage methods: Optuna's Study has no way from a trial's number to the trial.
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
+    trial = optuna.Trial(study, trial_id)
     trial.set_user_attr(PROCESS, this_process())
-    return trial, storage
+    return trial, heartbeat(storage, trial_id)
 
 
 @contextlib.contextmanager
-def heartbeat(trial: optuna.Trial, storage: RDBStorage) -> Iterator[None]:
+def heartbeat(storage: RDBStorage, trial_id: int) -> Iterator[None]:
     """Record the trial's heartbeat every `HEARTBEAT_S` seconds while the block runs."""
-    beat_id, stop = trial_id(storage, trial.study.study_name, trial.number), threading.Event()
+    stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(HEARTBEAT_S):
             with contextlib.suppress(Exception):  # a busy database skips a beat, the next one will do
-                storage.record_heartbeat(beat_id)
+                storage.record_heartbeat(trial_id)
 
-    storage.record_heartbeat(beat_id)
-    thread = threading.Thread(target=beat, name=f"heartbeat-trial-{trial.number}", daemon=True)
+    storage.record_heartbeat(trial_id)
+    thread = threading.Thread(target=beat, name=f"heartbeat-trial-{trial_id}", daemon=True)
     thread.start()
     try:
         yield
@@ -94,20 +87,20 @@ def heartbeat(trial: optuna.Trial, storage: RDBStorage) -> Iterator[None]:
         thread.join()
 
 
-def fail_dead_trials(study: optuna.Study) -> list[int]:
+def fail_dead_trials(study: optuna.Study, stopping: str | None = None) -> list[int]:
     """FAIL the RUNNING trials whose process has died (here: its pid is gone; elsewhere: no heartbeat for
-    `GRACE_S`), each point enqueued again; the numbers of the trials failed."""
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    `GRACE_S`), or is `stopping` (this process, interrupted), each point enqueued again; the numbers of the
+    trials failed."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in running:
         process = trial.user_attrs.get(PROCESS)
-        if process and has_died(process):
+        if process and (process == stopping or has_died(process)):
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             retry(study, trial)
-            failed.append(trial.number)
-    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    fail_stale_trials(study)  # the storage's failed_trial_callback enqueues these again
-    failed += sorted({t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))} - before)
-    return failed
+    fail_stale_trials(study)  # the storage's heartbeat_stale_trial_callback enqueues these again
+    was_running = {t.number for t in running}
+    return sorted(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                  if t.number in was_running)
 
 
 def counts_against_budget(trial: FrozenTrial) -> bool:

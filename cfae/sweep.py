@@ -47,7 +47,7 @@ from optuna.trial import TrialState
 
 from cfae import studies
 from cfae.checks import ConfigError, check_config, reported_in_one_line
-from cfae.processes import has_died, this_process
+from cfae.processes import this_process
 from cfae.stores import store_lock
 from cfae.tracking import mlflow_client
 
@@ -176,10 +176,11 @@ class OptunaSweep(Sweeper):
             distributions, fixed, grid = self.prepare(arguments)
         study = self.open_study(grid)
         parent = self.start_parent_run() if self.config.get("logger") else None
-        status, error, told = "FINISHED", None, {"all": 0, "failed": 0}
+        status, error = "FINISHED", None
+        self.n_told = self.n_failed = 0  # over the whole sweep, for max_failure_rate
         try:
             while batch := self.ask_batch(study, distributions, grid):
-                self.run_batch(study, batch, fixed, parent, told)
+                self.run_batch(study, batch, fixed, parent)
         except BaseException as err:
             if isinstance(err, KeyboardInterrupt | SystemExit):  # a job exits with 128 + the signal that stopped it
                 code = 128 + signal.SIGINT if isinstance(err, KeyboardInterrupt) else err.code
@@ -216,9 +217,9 @@ class OptunaSweep(Sweeper):
     def open_study(self, grid: dict | None) -> optuna.Study:
         seed = self.sampler_config.get("seed")
         make = lambda s: instantiate(self.sampler_config, seed=s)  # noqa: E731  (a grid's points are enqueued)
-        self.storage = studies.database(self.storage_url)
+        storage = studies.database(self.storage_url)
         with store_lock(self.storage_url):  # one process at a time creates the study and recovers trials
-            study = optuna.create_study(study_name=self.study_name, storage=self.storage, load_if_exists=True,
+            study = optuna.create_study(study_name=self.study_name, storage=storage, load_if_exists=True,
                                         direction=self.direction, sampler=PerTrialSeeds(make, seed))
             dead = studies.fail_dead_trials(study)
         if dead:
@@ -235,14 +236,13 @@ class OptunaSweep(Sweeper):
             studies.fail_dead_trials(study)
             trials = study.get_trials(deepcopy=False)
             used = [t for t in trials if studies.counts_against_budget(t)]
+            waiting = [t for t in trials if t.state == TrialState.WAITING]
             left = self.n_trials - len(used)
             if grid is not None:
-                taken = {tuple(t.params.get(k) for k in grid) for t in trials
-                         if studies.counts_against_budget(t) or t.state == TrialState.WAITING}
+                taken = {tuple(t.params.get(k) for k in grid) for t in (*used, *waiting)}
                 free = [point for point in itertools.product(*grid.values()) if point not in taken]
-                waiting = sum(t.state == TrialState.WAITING for t in trials)
-                left = min(left, len(free) + waiting)
-                for point in free[:max(0, min(self.n_jobs, left) - waiting)]:
+                left = min(left, len(free) + len(waiting))
+                for point in free[:max(0, min(self.n_jobs, left) - len(waiting))]:
                     study.enqueue_trial(dict(zip(grid, point)))
             n = min(self.n_jobs, left)
             if n <= 0:
@@ -250,7 +250,7 @@ class OptunaSweep(Sweeper):
                 return []
             return [studies.ask(study, distributions) for _ in range(n)]
 
-    def run_batch(self, study, trials: list[optuna.Trial], fixed: list[str], parent: str | None, told: dict) -> None:
+    def run_batch(self, study, trials: list[optuna.Trial], fixed: list[str], parent: str | None) -> None:
         placement = self.placement(len(trials))
         overrides = [
             (*fixed, *(f"{name}={value}" for name, value in trial.params.items()), f"sweep.trial={trial.number}",
@@ -261,13 +261,7 @@ class OptunaSweep(Sweeper):
         try:
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
         except BaseException:  # interrupted: trials whose job ran here (or died) are failed, to be tried again;
-            # a job still running elsewhere (a cluster) finishes and tells its own result
-            here = this_process()
-            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                process = t.user_attrs.get(studies.PROCESS, "")
-                if t.number in {trial.number for trial in trials} and (process == here or has_died(process)):
-                    study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-                    studies.retry(study, t)
+            studies.fail_dead_trials(study, stopping=this_process())  # a job on a cluster tells its own result
             raise
         self.job_idx += len(returns)
         running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
@@ -278,14 +272,14 @@ class OptunaSweep(Sweeper):
                 if trial.number in running:  # else another sweep found its process dead and failed it already
                     trial.set_user_attr(studies.ERROR, f"{type(err).__name__}: {err}"[:2000])
                     study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-                told["failed"] += 1
+                self.n_failed += 1
                 log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, str(err).splitlines()[0])
             else:
                 if trial.number in running:  # a job tells its own result; this one ran elsewhere and could not
                     study.tell(trial, value)
-            told["all"] += 1
-        if told["all"] >= 4 and told["failed"] / told["all"] > self.max_failure_rate:
-            raise RuntimeError(f"{told['failed']} of {told['all']} trials failed, more than "
+            self.n_told += 1
+        if self.n_told >= 4 and self.n_failed / self.n_told > self.max_failure_rate:
+            raise RuntimeError(f"{self.n_failed} of {self.n_told} trials failed, more than "
                                f"max_failure_rate={self.max_failure_rate}: stopping the sweep")
 
     def placement(self, batch_size: int) -> list[tuple[str, ...]]:

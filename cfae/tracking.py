@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -53,13 +52,10 @@ class RunLogger(MLFlowLogger):
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
-        """Lightning calls this at the end of every fit and test: the run is closed by `close` at its real
-        end instead (after the test, the ranking and the artifacts), so that a process killed during the
-        test leaves it RUNNING, to be marked FAILED, not FINISHED without its results. A failure Lightning
-        reports ("failed") closes it at once, if the store takes it."""
-        if status == "failed":
-            with contextlib.suppress(Exception):
-                super().finalize(status)
+        """Nothing: Lightning calls this at the end of every fit and test, and on an exception, while cfae
+        closes its runs itself at their real end (`close`, after the test, the ranking and the artifacts;
+        train.end_run on an error or a signal), so that a process killed during the test leaves its run
+        RUNNING, to be marked FAILED, not FINISHED without its results."""
 
     def close(self, status: str = "FINISHED") -> None:
         super().finalize(status)

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from cfae.callbacks import DivergenceGuard, EpochTimer, LastCheckpoint, TrialReporting
 from cfae.checks import ConfigError, UsageError, check_against_data, check_config
 from cfae.ranking import evaluate_ranking
-from cfae.studies import heartbeat, job_trial
+from cfae.studies import job_trial
 from cfae.tracking import config_digest, git_commit, mlflow_client, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -97,16 +97,16 @@ def claimed(output_dir: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def sigterm_raises(fitting: list[bool]) -> Iterator[None]:
-    """Outside `trainer.fit`, SIGTERM raises SIGTERMException, as Lightning's loops do inside it (between
-    steps, after its own handler has noted the signal), so that every phase ends the run the same way."""
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises SIGTERMException, as Ctrl-C raises KeyboardInterrupt, so that a run stopped while it
+    loads data, tests or ranks ends like one stopped while it trains. (While it trains, LastCheckpoint's
+    handler stops it at the end of the batch instead.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame) -> None:
-        if not fitting[0]:
-            raise SIGTERMException(128 + signum)
+        raise SIGTERMException(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -139,11 +139,7 @@ def start_run(cfg: DictConfig, datamodule):
 
 
 class Interrupted(Exception):
-    """Training stopped by a signal (SIGTERM, Ctrl-C) after saving its state."""
-
-    def __init__(self, signum: signal.Signals):
-        super().__init__(signum.name)
-        self.signum = signum
+    """Training stopped by a signal (SIGTERM, Ctrl-C) after saving its state (`LastCheckpoint.interrupt`)."""
 
 
 def interruption(err: BaseException, last: LastCheckpoint) -> signal.Signals | None:
@@ -163,7 +159,7 @@ def end_run(logger, err: BaseException, signum: signal.Signals | None) -> None:
         status, error = "FAILED", f"{type(err).__name__}: {err}"[:5000]
     with contextlib.suppress(Exception):  # a store that is down cannot be told; the next sweep or study will
         logger.experiment.set_tag(logger.run_id, "error", error)
-        logger.experiment.set_terminated(logger.run_id, status)
+        logger.close(status)
 
 
 class Trained(NamedTuple):
@@ -193,8 +189,7 @@ def fit(cfg: DictConfig) -> Trained:
     if cfg.get("logger"):
         mlflow_client(tracking_uri(cfg.logger.uri), cfg.logger.experiment_name)  # the store answers and exists
     output_dir = Path(cfg.output_dir)
-    fitting = [False]
-    with claimed(output_dir), sigterm_raises(fitting):
+    with claimed(output_dir), sigterm_raises():
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         if cfg.keep_freed_memory:
             keep_freed_memory()
@@ -202,25 +197,24 @@ def fit(cfg: DictConfig) -> Trained:
             torch.set_num_threads(cfg.threads)
         datamodule = build(cfg.data)
         datamodule.setup("fit")
-        n_items = datamodule.n_cols if cfg.data.orientation == "user" else datamodule.n_rows
-        check_against_data(cfg, datamodule.n_rows, datamodule.n_cols, n_items)
+        check_against_data(cfg, datamodule.n_rows, datamodule.n_cols, datamodule.stats["n_items"])
         # The one place where the data shapes the model: its width, its number of rows and the rating scale.
         rating_min, rating_max = datamodule.rating_range
         model = build(cfg.model, n_inputs=datamodule.n_cols, n_rows=datamodule.n_rows, rating_min=rating_min,
                       rating_max=rating_max, optimizer=instantiate(cfg.optimizer),
                       scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None)
         sweep = cfg.get("sweep") or {}
-        trial = storage = None
+        trial, beating = None, contextlib.nullcontext()
         if sweep.get("trial") is not None:  # report every epoch; with no pruner that only records the curve
             pruner = instantiate(sweep.pruner) if sweep.get("pruner") else optuna.pruners.NopPruner()
-            trial, storage = job_trial(sweep.study, sweep.storage, sweep.trial, pruner)
+            trial, beating = job_trial(sweep.study, sweep.storage, sweep.trial, pruner)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
         last = LastCheckpoint(output_dir / "checkpoints" / "last.ckpt", cfg.checkpoint_every_s)
         logger = False
         try:
             logger = start_run(cfg, datamodule)
-            with heartbeat(trial, storage) if trial else contextlib.nullcontext():
-                metrics = fit_and_test(cfg, model, datamodule, logger, last, trial, fitting)
+            with beating:
+                metrics = fit_and_test(cfg, model, datamodule, logger, last, trial)
         except BaseException as err:
             signum = interruption(err, last)
             if logger:
@@ -233,8 +227,8 @@ def fit(cfg: DictConfig) -> Trained:
     return Trained(model, datamodule, metrics, logger.run_id if logger else None)
 
 
-def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoint, trial: optuna.Trial | None,
-                 fitting: list[bool]) -> dict[str, float]:
+def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoint,
+                 trial: optuna.Trial | None) -> dict[str, float]:
     output_dir = Path(cfg.output_dir)
     # The best weights at each improvement (weights only: 24 MB for ML-1M AutoRec, written in a third of the
     # time of the 72 MB full state); the full state for `resume` after the first epoch, then at most every
@@ -252,13 +246,9 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
 
     start = time.perf_counter()
-    fitting[0] = True
-    try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.resume)
-    finally:
-        fitting[0] = False
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.resume)
     if last.interrupt is not None:  # stopped by a signal at the end of a batch; the state is saved
-        raise Interrupted(last.interrupt)
+        raise Interrupted(last.interrupt.name)
     metrics = {OBJECTIVE: float(model.val_rmse_best.compute()), "time/fit_s": time.perf_counter() - start,
                "epochs": trainer.current_epoch}
     pruned = reporting is not None and reporting.pruned
