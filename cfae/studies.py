@@ -11,11 +11,14 @@ without a heartbeat when it ran elsewhere; each such point is enqueued to be tri
 from __future__ import annotations
 
 import contextlib
+import random
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 
 import optuna
+import sqlalchemy.exc
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
@@ -28,6 +31,7 @@ GRACE_S = 90
 PROCESS = "cfae.process"  # user attribute: the process training the trial
 ERROR = "error"  # user attribute of a trial that failed by its own error (not by its process dying)
 MAX_RETRY = 2
+TRIES = 5  # to open a new database on a server
 
 
 def retry(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -38,11 +42,17 @@ def retry(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 def database(url: str) -> RDBStorage:
-    """The study database at `url`, with heartbeats. Processes creating a new sqlite database together do it
-    one at a time."""
+    """The study database at `url`, with heartbeats. Processes creating a new database together do it one
+    at a time (sqlite: a lock file; a server: the losers of the race try again)."""
     with store_lock(url):
-        return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                          heartbeat_stale_trial_callback=retry)
+        for attempt in range(TRIES):
+            try:
+                return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                  heartbeat_stale_trial_callback=retry)
+            except sqlalchemy.exc.DBAPIError:  # a server, whose new tables another process is creating
+                if attempt == TRIES - 1:
+                    raise
+                time.sleep(0.5 + random.random())
 
 
 def ask(study: optuna.Study, distributions: dict) -> optuna.Trial:
