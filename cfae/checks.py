@@ -25,6 +25,10 @@ class ConfigError(UsageError, ValueError):
     pass
 
 
+class DataError(UsageError, ValueError):
+    """Bad or missing input data; the message names the file (and line) at fault."""
+
+
 class Diverged(UsageError, FloatingPointError):
     """Training blew up (a loss or RMSE far beyond any model that learns): most often a learning rate too
     high for the model."""

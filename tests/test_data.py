@@ -6,17 +6,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cfae import data
-from cfae.data import (
-    DataError,
-    MovieLensDataModule,
-    Ratings,
-    build_matrix,
-    fallback_predictions,
-    locate_ratings,
-    read_ratings,
-    split_ratings,
-)
+from cfae.checks import DataError
+from cfae.data import MovieLensDataModule, movielens
+from cfae.data import module as data_module
+from cfae.data.means import fallback_predictions
+from cfae.data.module import ShuffledBatches
+from cfae.data.movielens import Ratings, build_matrix, locate_ratings, read_ratings
+from cfae.data.splits import Split, split_ratings
 from cfae.sparse import SparseRows
 from cfae.synthetic import planted_ratings, write_ratings
 
@@ -45,7 +41,7 @@ def test_reads_both_formats_identically(tmp_path):
 
 @pytest.mark.parametrize("name", ["ml100k", "ml1m", "ml10m", "ml20m"])
 def test_every_dataset_format_loads_through_the_data_module(tmp_path, name):
-    spec = data.DATASETS[name]
+    spec = movielens.DATASETS[name]
     ratings = planted_ratings(n_users=40, n_items=30, density=0.5)
     if spec.rating_min == 0.5:  # half stars
         ratings = ratings._replace(ratings=ratings.ratings - 0.5 * (ratings.users % 2))
@@ -210,7 +206,7 @@ def test_a_missing_ratings_file_without_download_is_one_clean_line(tmp_path, cap
     with pytest.raises(DataError) as err:
         dm.prepare_data()
     assert str(err.value) == (f"{tmp_path}/ml-1m/ratings.dat not found and data.download=false: put ratings.dat "
-                              f"from {data.GROUPLENS}/ml-1m.zip in {tmp_path}/ml-1m/, or set data.download=true")
+                              f"from {movielens.GROUPLENS}/ml-1m.zip in {tmp_path}/ml-1m/, or set data.download=true")
     assert err.value.__cause__ is None and err.value.__context__ is None
     assert capsys.readouterr() == ("", "")  # nothing printed before the error
 
@@ -253,10 +249,10 @@ def fake_archive(tmp_path, monkeypatch, md5: str | None = None):
     archive = tmp_path / "ml-1m.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("ml-1m/ratings.dat", "1::1::5::0\n2::1::3::0\n")
-    real = data.DATASETS["ml1m"]
+    real = movielens.DATASETS["ml1m"]
     digest = md5 or hashlib.md5(archive.read_bytes()).hexdigest()
-    spec = data.DatasetSpec(real.dirname, real.ratings_file, real.separator, archive.as_uri(), digest)
-    monkeypatch.setitem(data.DATASETS, "ml1m", spec)
+    spec = movielens.DatasetSpec(real.dirname, real.ratings_file, real.separator, archive.as_uri(), digest)
+    monkeypatch.setitem(movielens.DATASETS, "ml1m", spec)
 
 
 def test_download_verifies_and_unpacks(tmp_path, monkeypatch):
@@ -446,7 +442,7 @@ def test_batches_on_device_setting_is_checked_and_auto_slices_on_the_host_for_a_
 
 @pytest.mark.parametrize("n_rows,sizes", [(9, [4, 5]), (10, [4, 4, 2]), (1, [1]), (4, [4])])
 def test_batches_cover_every_row_once_and_never_leave_a_single_row_alone(n_rows, sizes):
-    sampler = data.ShuffledBatches(n_rows, 4, torch.Generator().manual_seed(0))
+    sampler = ShuffledBatches(n_rows, 4, torch.Generator().manual_seed(0))
     batches = list(sampler)
     assert [len(b) for b in batches] == sizes and len(sampler) == len(sizes)
     assert sorted(sum(batches, [])) == list(range(n_rows))
@@ -500,8 +496,8 @@ def test_baseline_rmse_predicts_the_training_mean_for_the_validation_ratings(tmp
     path = tmp_path / "ml-1m" / "ratings.dat"
     path.parent.mkdir()
     path.write_text("".join(f"{user}::7::{rating}::0\n" for user, rating in enumerate([1, 2, 3, 5, 4, 1], 1)))
-    by_hand = data.Split(train=np.array([0, 1, 2]), val=np.array([3, 4]), test=np.array([5]))
-    monkeypatch.setattr(data, "split_ratings", lambda *args, **kwargs: by_hand)
+    by_hand = Split(train=np.array([0, 1, 2]), val=np.array([3, 4]), test=np.array([5]))
+    monkeypatch.setattr(data_module, "split_ratings", lambda *args, **kwargs: by_hand)
     dm = module(tmp_path, min_item_ratings=1, orientation="user")
     # training mean (1 + 2 + 3) / 3 = 2; validation errors 5 - 2 = 3 and 4 - 2 = 2
     assert dm.baseline_rmse == pytest.approx(np.sqrt((3**2 + 2**2) / 2))

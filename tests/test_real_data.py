@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cfae.data import DATASETS, build_matrix, read_ratings
+from cfae.data.movielens import DATASETS, build_matrix, read_ratings
 
 ROOT = Path(os.environ.get("CFAE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 RATINGS = ROOT / "ml-1m" / "ratings.dat"

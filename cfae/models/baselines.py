@@ -17,7 +17,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator, svds
 from torch import Tensor, nn
 
-from cfae.data import rating_means
+from cfae.data.means import rating_means
 from cfae.models.base import RatingModel
 from cfae.sparse import SparseRows
 
