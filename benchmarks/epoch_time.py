@@ -27,10 +27,11 @@ import lightning as L
 import torch
 from torch import nn
 
-from cfae import _precision
+from cfae.callbacks import EpochTimer
+from cfae.configs import precision
 from cfae.data import MovieLensDataModule
 from cfae.models import VAE, AutoRec, DeepAutoencoder
-from cfae.train import EpochTimer, keep_freed_memory
+from cfae.processes import keep_freed_memory
 
 HIDDEN = 500
 
@@ -78,9 +79,9 @@ def dense_epochs(name: str, matrix, epochs: int, fused: bool, bf16: bool = False
     return times
 
 
-def cfae_model(name: str, n_cols: int, output_path: str) -> L.LightningModule:
+def cfae_model(name: str, n_cols: int, sampled_output: str | bool) -> L.LightningModule:
     adam = lambda params: torch.optim.Adam(params, lr=1e-3, fused=True)  # noqa: E731  (conf/optimizer/adam.yaml)
-    common = {"optimizer": adam, "output_path": output_path}
+    common = {"optimizer": adam, "sampled_output": sampled_output}
     if name == "autorec":
         return AutoRec(n_inputs=n_cols, hidden_size=HIDDEN, **common)
     if name == "deep":
@@ -88,12 +89,13 @@ def cfae_model(name: str, n_cols: int, output_path: str) -> L.LightningModule:
     return VAE(n_inputs=n_cols, layer_sizes=[500, 200], **common)
 
 
-def cfae_epochs(name: str, dm: MovieLensDataModule, epochs: int, output_path: str, precision: str) -> list[float]:
+def cfae_epochs(name: str, dm: MovieLensDataModule, epochs: int, sampled_output: str | bool,
+                precision: str) -> list[float]:
     timer = EpochTimer()
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[timer], accelerator="cpu",
                         precision=precision)
-    trainer.fit(cfae_model(name, dm.n_cols, output_path), datamodule=dm)
+    trainer.fit(cfae_model(name, dm.n_cols, sampled_output), datamodule=dm)
     return timer.times
 
 
@@ -101,11 +103,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--models", default="autorec,deep,vae")
-    parser.add_argument("--output-path", default="auto", choices=["auto", "sparse", "dense"])
-    parser.add_argument("--precision", default=_precision("cpu"), help="cfae's; default: conf/trainer's choice")
+    parser.add_argument("--sampled-output", default="auto", choices=["auto", "true", "false"])
+    parser.add_argument("--precision", default=precision("cpu"), help="cfae's; default: conf/trainer's choice")
     parser.add_argument("--batch-size", type=int, default=256, help="rows per batch, for every loop")
     args = parser.parse_args()
     logging.getLogger("lightning").setLevel(logging.ERROR)
+    sampled = {"true": True, "false": False}.get(args.sampled_output, "auto")
     keep_freed_memory()  # as train.py does; the reference loops share the process and so the setting
     root = os.environ.get("CFAE_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
     dm = MovieLensDataModule(dataset="ml1m", root=root, orientation="item", batch_size=args.batch_size)
@@ -118,7 +121,7 @@ def main() -> None:
         dense = functools.partial(dense_epochs, name, dm.train_matrix, args.epochs, batch_size=args.batch_size)
         runs = {"dense": dense(fused=False), "dense+fused": dense(fused=True),
                 "dense+fused+bf16": dense(fused=True, bf16=True),
-                "cfae": cfae_epochs(name, dm, args.epochs, args.output_path, args.precision)}
+                "cfae": cfae_epochs(name, dm, args.epochs, sampled, args.precision)}
         medians = {k: statistics.median(v[1:]) for k, v in runs.items()}
         for kind, times in runs.items():
             print(f"{name:>8} {kind:>16}: " + " ".join(f"{t:.3f}" for t in times) + " s per epoch")

@@ -9,7 +9,7 @@ median of `--repeats` after a warm-up, float32:
   `column_sums` (the entries regrouped by column and summed as embedding bags);
 - the sampled output product with the weight stored (hidden, n_cols) against one row per output column
   (n_cols, hidden), nn.Linear's layout, and the dense product over every cell under bf16 autocast (what
-  `output_path=auto` weighs it against);
+  `sampled_output=auto` weighs it against);
 - allocating and filling a (n_cols, 500) gradient with glibc's defaults, then after `keep_freed_memory`.
 Last line: `<shape>_<what>_ms=` for each, and the ratios.
 """
@@ -23,8 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from cfae.processes import keep_freed_memory
 from cfae.sparse import SparseRows, column_sums
-from cfae.train import keep_freed_memory
 
 SHAPES = {"ml1m": (6_040, 233), "ml20m": (138_493, 568)}  # columns, ratings per row
 ROWS, HIDDEN = 256, 500

@@ -30,11 +30,12 @@ def one(name: str, batch_size: int) -> dict:
     import lightning as L
     import torch
 
-    from cfae import _precision
+    from cfae.callbacks import EpochTimer
+    from cfae.configs import precision
     from cfae.data import MovieLensDataModule
     from cfae.models import AutoRec
+    from cfae.processes import keep_freed_memory
     from cfae.synthetic import planted_ratings
-    from cfae.train import EpochTimer, keep_freed_memory
 
     logging.getLogger("lightning").setLevel(logging.ERROR)
     keep_freed_memory()  # as train.py does
@@ -52,7 +53,7 @@ def one(name: str, batch_size: int) -> dict:
                     optimizer=lambda params: torch.optim.Adam(params, lr=1e-3, fused=True))
     trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[timer], accelerator="cpu",
-                        precision=_precision("cpu"))
+                        precision=precision("cpu"))
     trainer.fit(model, datamodule=dm)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
     return {"set": name, "ratings": int(dm.train_matrix.nnz), "rows": dm.n_rows, "cols": dm.n_cols,

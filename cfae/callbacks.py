@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cfae.checks import Diverged
+from cfae.metrics import TRAIN_LOSS, VAL_RMSE
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,13 @@ class DivergenceGuard(Callback):
         self.max_loss = 10 * (rating_max - rating_min) ** 2
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        loss = trainer.callback_metrics.get("train/loss")
+        loss = trainer.callback_metrics.get(TRAIN_LOSS)
         if loss is not None and not float(loss) <= self.max_loss:  # NaN fails the test too
             raise Diverged(f"training diverged: train/loss={float(loss):.3g} at epoch {trainer.current_epoch}, "
                            f"above {self.max_loss:g} (10 x the squared rating range); lower optimizer.lr?")
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        rmse = trainer.callback_metrics.get("val/rmse")
+        rmse = trainer.callback_metrics.get(VAL_RMSE)
         if not trainer.sanity_checking and rmse is not None and not math.isfinite(float(rmse)):
             raise Diverged(f"training diverged: val/rmse is {float(rmse)} at epoch {trainer.current_epoch}; "
                            f"lower optimizer.lr?")
@@ -126,9 +127,9 @@ class TrialReporting(Callback):
         self.trial, self.pruned = trial, False
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or "val/rmse" not in trainer.callback_metrics:
+        if trainer.sanity_checking or VAL_RMSE not in trainer.callback_metrics:
             return
-        self.trial.report(float(trainer.callback_metrics["val/rmse"]), step=trainer.current_epoch)
+        self.trial.report(float(trainer.callback_metrics[VAL_RMSE]), step=trainer.current_epoch)
         if self.trial.should_prune():
             log.info("trial %d pruned at epoch %d", self.trial.number, trainer.current_epoch)
             self.pruned, trainer.should_stop = True, True

@@ -75,8 +75,8 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str], str]] = [
     ("model.layer_sizes", layer_list, ""),
     ("model.n_factors", count, ""),
     ("model.dropout", fraction, ""),
-    ("model.input_dropout", fraction, "the fraction of input ratings dropped"),
-    ("model.input_noise", non_negative, "the standard deviation of Gaussian input noise"),
+    ("model.noise", fraction, "the fraction of input ratings dropped"),
+    ("model.gaussian_noise", non_negative, "the standard deviation of Gaussian input noise"),
     ("model.weight_decay", non_negative, "L2 on the weights"),
     ("model.regularization", non_negative, ""),
     ("model.init_std", positive, ""),
@@ -105,6 +105,7 @@ def check_config(cfg: DictConfig) -> None:
             value = OmegaConf.to_container(value, resolve=True)
         if value is not None and not test(value):  # None: absent, or null for the model's default
             raise ConfigError(f"{key}={_show(value)}: must be {allowed}" + (f" ({why})" if why else ""))
+    _check_knobs(cfg)
     fold, n_folds = OmegaConf.select(cfg, "data.fold"), OmegaConf.select(cfg, "data.n_folds")
     if fold is not None and not (is_int(fold) and 0 <= fold < n_folds):
         raise ConfigError(f"data.fold={_show(fold)}: must be an integer from 0 to {n_folds - 1} "
@@ -122,6 +123,22 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"data.root={root}: no such folder (set by CFAE_DATA_DIR or data.root)")
 
 
+KNOBS = ("hidden", "depth", "dropout", "noise")
+
+
+def _check_knobs(cfg: DictConfig) -> None:
+    """A knob that is set must feed the model: `dropout=0.3` on a model without code dropout is refused
+    rather than ignored."""
+    if not OmegaConf.is_config(cfg.get("model")):
+        return
+    text = str(OmegaConf.to_container(cfg.model, resolve=False))  # the model's keys, interpolations unresolved
+    used = [k for k in KNOBS if "${" + k + "}" in text]
+    for knob in KNOBS:
+        if cfg.get(knob) is not None and knob not in used:
+            raise ConfigError(f"{knob}={_show(cfg.get(knob))}: {cfg.model.get('_target_')} has no use for this "
+                              f"knob; it takes {', '.join(used) or 'none'}")
+
+
 def _check_accelerator(accelerator: str | None) -> None:
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accelerator}: this machine has no CUDA GPU that torch can use "
@@ -130,15 +147,8 @@ def _check_accelerator(accelerator: str | None) -> None:
         raise ConfigError("trainer.accelerator=mps: Apple's Metal backend is not available here")
 
 
-def check_against_data(cfg: DictConfig, n_rows: int, n_cols: int, n_items: int) -> None:
-    """Checks that need the data's shape: a closed-form SVD's rank, and a ranking cut-off below the number
-    of items."""
-    if cfg.model.get("_target_", "").endswith("ImputedSVD"):
-        rank = cfg.model.n_factors
-        if rank >= min(n_rows, n_cols):
-            key = "hidden" if cfg.get("hidden") is not None else "model.n_factors"
-            raise ConfigError(f"{key}={rank}: the SVD's rank must be below min(rows, columns) = "
-                              f"{min(n_rows, n_cols)} for this data")
+def check_against_data(cfg: DictConfig, n_items: int) -> None:
+    """A ranking cut-off below the number of items. (What a model needs of the data, its constructor checks.)"""
     k = OmegaConf.select(cfg, "ranking.k")
     if k is not None and k >= n_items:
         raise ConfigError(f"ranking.k={k}: must be below the number of items, {n_items} in this data "

@@ -1,5 +1,6 @@
-"""Run configurations composed in Python, as `python train.py <overrides>` composes them, without Hydra's
-runtime: for notebooks, scripts and the study runner.
+"""Run configurations: composed in Python as `python train.py <overrides>` composes them (for notebooks,
+scripts and the study runner), the resolvers the YAML files use, and the model's constructor defaults
+written into a run's config so that it records every value it ran with.
 
     import cfae
     cfg = cfae.compose("model=vae", "data=ml100k", "trainer.max_epochs=20")
@@ -8,20 +9,63 @@ runtime: for notebooks, scripts and the study runner.
 
 from __future__ import annotations
 
+import inspect
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+
+# What the data and the optimizer group give every model (cfae/train.py): never a model config's to set.
+HANDED_OVER = {"n_inputs", "n_rows", "rating_min", "rating_max", "optimizer", "scheduler"}
+
+
+def layers(hidden: int | None, depth: int | None, *row: int) -> list[int]:
+    """Encoder layer sizes from the sweep knobs: `depth` layers of width `hidden`, each knob left null
+    taking the model's row (`row`, the study's layer sizes) for its value."""
+    if hidden is None and depth is None:
+        return list(row)
+    return [hidden if hidden is not None else row[-1]] * (depth if depth is not None else len(row))
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles for bfloat16 (Intel Sapphire Rapids and later), from the flags Linux
+    lists in /proc/cpuinfo; False elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def precision(accelerator: str = "auto") -> str:
+    """Lightning's `precision` for the hardware: bf16 mixed precision (weights, optimizer state and loss in
+    float32, matrix products in bfloat16) where the chip multiplies bfloat16 natively (CUDA GPUs that
+    support it, CPUs with AMX tiles), else float32 (docs/performance.md has the measurements)."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if accelerator in ("auto", "cpu") and cpu_has_amx() else "32-true"
+
+
+def register_resolvers() -> None:
+    """The resolvers conf/ uses; called by the entry points, `compose` and `fit`, never on import."""
+    # `${or:${noise},0.2}`: a knob's value, or the row's own value while the knob is null.
+    OmegaConf.register_new_resolver("or", lambda value, default: default if value is None else value, replace=True)
+    OmegaConf.register_new_resolver("layers", layers, replace=True)
+    OmegaConf.register_new_resolver("precision", precision, replace=True)
 
 
 def compose(*overrides: str, config_name: str = "train") -> DictConfig:
     """The configuration `python train.py *overrides` would run. Its output folder is a new one under
     ./outputs/ unless `output_dir=` is given, and the groups chosen (`model=`, `+experiment=`) are kept in
     `cfg.choices`, where train.py reads them from Hydra, for run names and tags."""
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
     with open_dict(cfg):
@@ -29,4 +73,31 @@ def compose(*overrides: str, config_name: str = "train") -> DictConfig:
         del cfg["hydra"]
         if not any(o.startswith("output_dir=") for o in overrides):
             cfg.output_dir = str(Path("outputs") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S.%f"))
+    return cfg
+
+
+def constructor_defaults(cls: type) -> dict[str, Any]:
+    """The keyword defaults of `cls(...)`, following `**kwargs` up to the base classes that take them."""
+    defaults: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        for p in parameters:
+            if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                defaults.setdefault(p.name, p.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return defaults
+
+
+def with_model_defaults(cfg: DictConfig) -> DictConfig:
+    """A copy of `cfg`, resolved, whose `model` holds every constructor argument: a key the model config
+    leaves out, or sets to null (a sweep knob left null), takes the constructor's default. One home per
+    default (the model's signature), and a run's config and MLflow params still show every value."""
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    given = {k: v for k, v in cfg.model.items() if v is not None}
+    defaults = {k: list(v) if isinstance(v, tuple) else v
+                for k, v in constructor_defaults(get_class(cfg.model._target_)).items() if k not in HANDED_OVER}
+    cfg.model = {"_target_": given.pop("_target_"), **defaults, **given}
     return cfg

@@ -19,3 +19,8 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     # Lightning's own pytree helper builds torch's deprecated LeafSpec; nothing a user can change.
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+    # The sweeper's TPE schema passes options Optuna 5 deprecates; Optuna's plots are "experimental".
+    from optuna.exceptions import ExperimentalWarning
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)

@@ -1,9 +1,17 @@
-"""Masked RMSE: the one accuracy metric every cfae model reports (the study, sec. 4.2)."""
+"""Masked RMSE, the one accuracy metric every cfae model reports (the study, sec. 4.2), and the names every
+metric goes by: the models log them, callbacks and sweeps watch them, MLflow and the reports show them."""
 
 from __future__ import annotations
 
 import torch
 from torchmetrics import Metric
+
+TRAIN_LOSS = "train/loss"
+VAL_RMSE = "val/rmse"  # each validation: early stopping, the best checkpoint, pruning, the LR schedule
+VAL_RMSE_BEST = "val/rmse_best"  # the best so far: what sweeps minimise
+TEST_RMSE = "test/rmse"  # once, on the best checkpoint; it chooses nothing
+FIT_SECONDS = "time/fit_s"  # wall time of training, validation included
+EPOCHS = "epochs"
 
 
 class MaskedRMSE(Metric):

@@ -1,4 +1,4 @@
-"""Which process runs a run or a trial, and whether it is still alive.
+"""The process a run lives in: its identity, whether it is still alive, and its memory allocator's setting.
 
 Runs and trials carry the identity of the process that runs them (`host:pid:start`), so the next sweep or
 study on the same store can tell one that is still running from one whose process was killed (kill -9, out
@@ -7,8 +7,11 @@ of memory, a lost machine) and mark it as such instead of leaving it RUNNING for
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import socket
+import sys
 from pathlib import Path
 
 
@@ -43,3 +46,38 @@ def has_died(process: str) -> bool:
         pass
     state, started = _stat(int(pid))
     return state == "Z" or (bool(start) and started not in ("", start))
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc serve large blocks from its heap and keep freed ones for reuse.
+
+    By default glibc maps every block above 32 MB afresh and unmaps it when freed, so each new large
+    tensor (a 138k x 500 weight gradient at ML-20M's size: 277 MB, every step) pays the kernel for zeroed
+    pages: allocating and filling one takes 63 ms, 17 ms with this setting (benchmarks/kernels.py). The
+    price: memory freed during training stays with the process for reuse. Linux with glibc only (the role
+    jemalloc or tcmalloc play in PyTorch's CPU tuning guides); returns whether it took effect. The command
+    lines call it (`keep_freed_memory: true` in conf/train.yaml); a notebook's process is left as it is.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, ...)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 2**31 - 1)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def machine() -> str:
+    """What this process computes on, for the record beside every timing: the CPU model and its cores as
+    the OS counts them, and the GPU torch sees ("AMD EPYC, 2 cores, no GPU")."""
+    import torch  # here, not at the top: `processes` stays light for the sweeper's liveness checks
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}"

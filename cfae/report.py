@@ -16,13 +16,16 @@ import argparse
 import csv
 import logging
 import math
+import sys
 from collections import defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 from scipy import stats
 
+from cfae.metrics import EPOCHS, FIT_SECONDS, TEST_RMSE, VAL_RMSE
 from cfae.tracking import finished_study_runs, mlflow_client
 
 matplotlib.use("Agg")
@@ -30,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 
 log = logging.getLogger("cfae.report")
 
-METRICS = ["test/rmse", "time/fit_s", "epochs", "test/recall_at_10", "test/ndcg_at_10"]
+METRICS = [TEST_RMSE, FIT_SECONDS, EPOCHS, "test/recall_at_10", "test/ndcg_at_10"]
 LABELS = {  # the study's names for its rows (sec. 5), then ours
     "autorec": "Single hidden layer AE (AutoRec, 500)",
     "deep": "Deep AE 300,500,750",
@@ -64,6 +67,8 @@ def load_runs(client, experiment_id: str, study: str) -> list[dict]:
         latest[(t["cfae.key"], newest_dataset)] = {
             "run_id": r.info.run_id, "key": t["cfae.key"], "row": t.get("cfae.row"), "figure": t.get("cfae.figure"),
             "protocol": t.get("cfae.protocol"), "fold": int(p.get("data/fold", -1)), "params": p,
+            "machine": t.get("cfae.machine", "not recorded"), "command": t.get("cfae.command", ""),
+            "date": datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc).date().isoformat(),
             "dataset": newest_dataset, **{m: r.data.metrics.get(m, math.nan) for m in METRICS}}
     others = sorted({str(r["dataset"]) for r in latest.values()} - {str(newest_dataset)})
     if others:
@@ -87,14 +92,14 @@ def table(records: list[dict]) -> list[dict]:
     out = []
     for (protocol, row), rs in sorted(groups.items(), key=lambda kv: position(kv[0])):
         line = {"protocol": protocol, "row": row, "model": LABELS.get(row, row), "folds": len(rs)}
-        for m, name in [("test/rmse", "rmse"), ("time/fit_s", "time_s"), ("epochs", "epochs"),
+        for m, name in [(TEST_RMSE, "rmse"), (FIT_SECONDS, "time_s"), (EPOCHS, "epochs"),
                         ("test/recall_at_10", "recall_at_10"), ("test/ndcg_at_10", "ndcg_at_10")]:
             line[name], line[f"{name}_ci"] = mean_ci([r[m] for r in rs])
         out.append(line)
     return out
 
 
-def markdown(rows: list[dict], study: str) -> str:
+def markdown(rows: list[dict], study: str, footer: str) -> str:
     def pm(mean, ci, digits):
         return f"{mean:.{digits}f}" + ("" if math.isnan(ci) else f" ± {ci:.{digits}f}")
 
@@ -111,7 +116,8 @@ def markdown(rows: list[dict], study: str) -> str:
         lines.append("")
     lines += ["Recall@10 and NDCG@10: per user, every item not rated in the training and validation parts is "
               "ranked; relevant = held-out ratings >= 4 (cfae/ranking.py). Training time: fit wall time on "
-              "the machine that ran the study, validation included.", ""]
+              "the machine that ran the study, validation included.", "",
+              "Runs and commands: " + footer.replace("\n", "; ") + ".", ""]
     return "\n".join(lines)
 
 
@@ -123,12 +129,32 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 # -- figures ---------------------------------------------------------------------------------------------
-def knob_figure(records: list[dict], figure: str, param: str, xlabel: str, title: str, path: Path) -> bool:
+def provenance(records: list[dict], command: str) -> str:
+    """Where and when the runs ran and the commands that made them: the line under every figure."""
+    machines = ", ".join(sorted({r["machine"] for r in records}, key=str)) if records else "not recorded"
+    dates = sorted({r["date"] for r in records})
+    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+    study = next((r["command"] for r in records if r["command"]), "python -m cfae.study")
+    return f"{when}; {machines}\n{study}; {command}"
+
+
+def stamp(fig, text: str) -> None:
+    """The provenance line at the foot of a figure."""
+    fig.text(0.01, 0.01, text, fontsize=6, color="0.35", va="bottom")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+
+
+def knob_value(key: str) -> float:
+    """The knob's value a figure run was given, from its study key (`fig3_latent_size/fold0/hidden=300`)."""
+    return float(key.rsplit("=", 1)[1])
+
+
+def knob_figure(records: list[dict], figure: str, xlabel: str, title: str, path: Path, footer: str) -> bool:
     """Test RMSE against a knob's value (mean and 95% CI over the figure's folds)."""
     points = defaultdict(list)
     for r in records:
         if r["figure"] == figure:
-            points[float(r["params"][param])].append(r["test/rmse"])
+            points[knob_value(r["key"])].append(r[TEST_RMSE])
     if not points:
         return False
     xs = sorted(points)
@@ -141,13 +167,13 @@ def knob_figure(records: list[dict], figure: str, param: str, xlabel: str, title
     ax.set(xlabel=xlabel, ylabel="test RMSE (1..5 scale)", title=f"{title}\n(fold{'s' * (len(folds) > 1)} "
            f"{','.join(map(str, folds))})")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    stamp(fig, footer)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
-def curves_figure(client, arms: list[tuple[str, dict | None]], title: str, path: Path) -> bool:
+def curves_figure(client, arms: list[tuple[str, dict | None]], title: str, path: Path, footer: str) -> bool:
     """Validation RMSE per epoch of each arm's run, its test RMSE in the legend (not drawn, False, if an
     arm's run is missing)."""
     if any(r is None for _, r in arms):
@@ -155,7 +181,7 @@ def curves_figure(client, arms: list[tuple[str, dict | None]], title: str, path:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     lowest = math.inf
     for label, r in arms:
-        history = sorted(client.get_metric_history(r["run_id"], "val/rmse"), key=lambda m: (m.step, m.timestamp))
+        history = sorted(client.get_metric_history(r["run_id"], VAL_RMSE), key=lambda m: (m.step, m.timestamp))
         values = [m.value for m in history]
         lowest = min(lowest, *values)
         ax.plot(range(1, len(values) + 1), values, label=f"{label}: test {r['test/rmse']:.4f}")
@@ -163,13 +189,13 @@ def curves_figure(client, arms: list[tuple[str, dict | None]], title: str, path:
     ax.set(xlabel="epoch", ylabel="validation RMSE (1..5 scale)", title=f"{title} (fold {arms[0][1]['fold']})")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    stamp(fig, footer)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
-def figures(client, records: list[dict], out: Path) -> dict[str, bool]:
+def figures(client, records: list[dict], out: Path, footer: str) -> dict[str, bool]:
     # the figures' protocol and first fold: those of the figure runs, else the table's first
     protocol = next((r["protocol"] for r in records if r["figure"]), records[0]["protocol"])
     figure_folds = sorted({r["fold"] for r in records if r["figure"]}) or [0]
@@ -182,27 +208,26 @@ def figures(client, records: list[dict], out: Path) -> dict[str, bool]:
         return next((r for r in records if r["figure"] == figure and r["fold"] == figure_folds[0]), None)
 
     return {
-        "fig3_latent_size.png": knob_figure(records, "fig3_latent_size", "model/hidden_size", "latent size",
-                                            "Fig. 3: single hidden layer AE", out / "fig3_latent_size.png"),
-        "fig4_denoising.png": knob_figure(records, "fig4_denoising", "model/input_dropout",
-                                          "input dropout (denoising level)", "Fig. 4: denoising AE",
-                                          out / "fig4_denoising.png"),
+        "fig3_latent_size.png": knob_figure(records, "fig3_latent_size", "latent size",
+                                            "Fig. 3: single hidden layer AE", out / "fig3_latent_size.png", footer),
+        "fig4_denoising.png": knob_figure(records, "fig4_denoising", "noise (fraction of input ratings dropped)",
+                                          "Fig. 4: denoising AE", out / "fig4_denoising.png", footer),
         "fig5_deep.png": curves_figure(client, [("AutoRec 500", row_run("autorec")),
                                                 ("deep 300,500,750", row_run("deep"))],
-                                       "Fig. 5: deep vs shallow", out / "fig5_deep.png"),
+                                       "Fig. 5: deep vs shallow", out / "fig5_deep.png", footer),
         "fig6_refeeding.png": curves_figure(client, [("deep 300,500,750", row_run("deep")),
                                                      ("+ dense re-feeding", figure_run("fig6_refeeding"))],
-                                            "Fig. 6: dense re-feeding", out / "fig6_refeeding.png"),
+                                            "Fig. 6: dense re-feeding", out / "fig6_refeeding.png", footer),
         "fig7_batch_norm.png": curves_figure(client, [("deep 500,700", figure_run("fig7_batch_norm")),
                                                       ("+ batch norm", row_run("deep_bn"))],
-                                             "Fig. 7: batch normalisation", out / "fig7_batch_norm.png"),
+                                             "Fig. 7: batch normalisation", out / "fig7_batch_norm.png", footer),
         "fig8_vae.png": curves_figure(client, [("VAE 500,200", row_run("vae")), ("AutoRec 500", row_run("autorec"))],
-                                      "Fig. 8: variational AE", out / "fig8_vae.png"),
+                                      "Fig. 8: variational AE", out / "fig8_vae.png", footer),
     }
 
 
 def report(study: str = "study", out: str | Path = "reports", uri: str | None = None,
-           experiment_name: str = "cfae", log_to_mlflow: bool = True) -> dict:
+           experiment_name: str = "cfae", log_to_mlflow: bool = True, command: str = "python -m cfae.report") -> dict:
     """Write the study's table (Markdown, CSV) and figures to `out`; returns what was written."""
     client, experiment_id = mlflow_client(uri, experiment_name)
     records = load_runs(client, experiment_id, study)
@@ -211,9 +236,10 @@ def report(study: str = "study", out: str | Path = "reports", uri: str | None = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = table(records)
-    drawn = figures(client, records, out)
+    footer = provenance(records, command)
+    drawn = figures(client, records, out, footer)
     missing = [name for name, ok in drawn.items() if not ok]
-    text = markdown(rows, study)
+    text = markdown(rows, study, footer)
     text += "\n".join(f"![{name}]({name})" for name, ok in drawn.items() if ok) + "\n"
     if missing:
         text += f"\nMissing figures (their runs are not in the store): {', '.join(missing)}\n"
@@ -240,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
-    result = report(args.study, args.out, args.uri, log_to_mlflow=not args.no_mlflow)
+    command = " ".join(["python -m cfae.report", *(argv if argv is not None else sys.argv[1:])])
+    result = report(args.study, args.out, args.uri, log_to_mlflow=not args.no_mlflow, command=command)
     print((Path(args.out) / f"{args.study}.md").read_text())
     return 1 if result["missing"] else 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cfae.checks import check_config, reported_in_one_line
 from cfae.configs import CONF, compose
 from cfae.console import quiet_libraries
+from cfae.processes import keep_freed_memory
 from cfae.tracking import config_digest, finished_study_runs, mlflow_client
 from cfae.train import train
 
@@ -69,7 +71,7 @@ def figure_runs(study: DictConfig, folds: list[int], overrides: list[str], proto
     return runs
 
 
-def compose_run(run: Run, name: str, overrides: list[str], output_root: Path) -> DictConfig:
+def compose_run(run: Run, name: str, overrides: list[str], output_root: Path, command: str = "") -> DictConfig:
     """The run's training config, as train.py would compose it, with the study's tags on its logger. The
     run's own overrides (fold, protocol, the figure's knob) come last: they win over the study-wide ones."""
     output_dir = output_root / run.key.replace("=", "-")
@@ -77,7 +79,8 @@ def compose_run(run: Run, name: str, overrides: list[str], output_root: Path) ->
     with open_dict(cfg):
         if not cfg.get("logger"):
             raise SystemExit("the study records its runs in MLflow: drop logger=none")
-        cfg.logger.tags = {**(cfg.logger.get("tags") or {}), **run.tags, "cfae.study": name, "cfae.key": run.key}
+        cfg.logger.tags = {**(cfg.logger.get("tags") or {}), **run.tags, "cfae.study": name, "cfae.key": run.key,
+                           "cfae.command": command}
     return cfg
 
 
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     study = OmegaConf.load(args.config)
     name = args.name or study.name
     runs = plan(study, [int(f) for f in args.folds.split(",")] if args.folds else None)
-    configs = [compose_run(r, name, args.overrides, Path(args.output_dir) / name) for r in runs]
+    command = " ".join(["python -m cfae.study", *(argv if argv is not None else sys.argv[1:])])
+    configs = [compose_run(r, name, args.overrides, Path(args.output_dir) / name, command) for r in runs]
     with reported_in_one_line():  # a bad value is refused before the first run, not in every run
         for cfg in configs:
             check_config(cfg)
@@ -114,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         for r, d in zip(runs, is_done):
             print(f"{'done' if d else 'todo'}  {r.key}  +experiment={r.experiment} {' '.join(r.overrides)}")
         return 0
+    if configs[0].keep_freed_memory:
+        keep_freed_memory()
     failed, start = [], time.perf_counter()
     for i, (run, cfg) in enumerate(todo, 1):
         elapsed = time.perf_counter() - start

@@ -47,13 +47,14 @@ from optuna.trial import TrialState
 
 from cfae import studies
 from cfae.checks import ConfigError, check_config, reported_in_one_line
+from cfae.metrics import VAL_RMSE_BEST
 from cfae.processes import this_process
 from cfae.stores import store_lock
 from cfae.tracking import mlflow_client
 
 log = logging.getLogger(__name__)
 
-OBJECTIVE = "val/rmse_best"
+OBJECTIVE = VAL_RMSE_BEST  # what each trial reports as its value
 
 
 # -- the search space ------------------------------------------------------------------------------------

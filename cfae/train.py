@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import inspect
 import logging
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,39 +18,23 @@ import torch
 from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from cfae.callbacks import DivergenceGuard, EpochTimer, LastCheckpoint, TrialReporting
 from cfae.checks import ConfigError, UsageError, check_against_data, check_config
+from cfae.configs import register_resolvers, with_model_defaults
+from cfae.metrics import EPOCHS, FIT_SECONDS, TEST_RMSE, VAL_RMSE, VAL_RMSE_BEST
+from cfae.processes import machine
 from cfae.ranking import evaluate_ranking
 from cfae.studies import job_trial
 from cfae.tracking import config_digest, git_commit, mlflow_client, tracking_uri
 
 log = logging.getLogger(__name__)
 
-OBJECTIVE = "val/rmse_best"  # what checkpointing, early stopping (via val/rmse) and sweeps optimise
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc serve large blocks from its heap and keep freed ones for reuse.
-
-    By default glibc maps every block above 32 MB afresh and unmaps it when freed, so each new large
-    tensor (a 138k x 500 weight gradient at ML-20M's size: 277 MB, every step) pays the kernel for zeroed
-    pages: allocating and filling one takes 63 ms, 17 ms with this setting (benchmarks/kernels.py). The
-    price: memory freed during training stays with the process for reuse. Linux with glibc only (the role
-    jemalloc or tcmalloc play in PyTorch's CPU tuning guides); returns whether it took effect.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, ...)
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, 2**31 - 1)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+OBJECTIVE = VAL_RMSE_BEST  # what sweeps minimise; checkpointing and early stopping watch val/rmse
 
 
 def choice(cfg: DictConfig, group: str) -> str | None:
@@ -115,14 +98,28 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def start_run(cfg: DictConfig, datamodule):
+def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
+    """The model of `cfg.model`, given what the data decides (its width, its number of rows where the model
+    has per-row parameters, the rating scale) and, unless it is fitted in closed form, its optimizer."""
+    cls = get_class(cfg.model._target_)
+    rating_min, rating_max = datamodule.rating_range
+    given = {"n_inputs": datamodule.n_cols, "rating_min": rating_min, "rating_max": rating_max}
+    if "n_rows" in inspect.signature(cls).parameters:
+        given["n_rows"] = datamodule.n_rows
+    if not cls.closed_form:
+        given["optimizer"] = instantiate(cfg.optimizer)
+        given["scheduler"] = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    return build(cfg.model, **given)
+
+
+def start_run(cfg: DictConfig, datamodule, digest: str):
     """The MLflow logger of this run (False without one), carrying the resolved config, the dataset's
     statistics and checksum, the git commit, the config's digest and, in a sweep, the trial and its parent."""
     if not cfg.get("logger"):
         return False
     sweep, name = cfg.get("sweep") or {}, model_name(cfg)
     run_name = f"{name}-{cfg.data.dataset}-{cfg.data.orientation}-fold{cfg.data.fold}"
-    tags = {**(cfg.logger.get("tags") or {}), "cfae.model": name, "cfae.config": config_digest(cfg)}
+    tags = {**(cfg.logger.get("tags") or {}), "cfae.model": name, "cfae.config": digest, "cfae.machine": machine()}
     if choice(cfg, "experiment"):  # a row of the study (conf/experiment/)
         tags["cfae.row"] = choice(cfg, "experiment")
     if sweep.get("trial") is not None:
@@ -185,24 +182,21 @@ def fit(cfg: DictConfig) -> Trained:
     its Optuna trial each epoch, stops early without a test if the pruner says so, and tells the trial
     its result.
     """
+    register_resolvers()
     check_config(cfg)
+    digest = config_digest(cfg)  # of the config as composed: what the study compares to skip a run
     if cfg.get("logger"):
         mlflow_client(tracking_uri(cfg.logger.uri), cfg.logger.experiment_name)  # the store answers and exists
     output_dir = Path(cfg.output_dir)
     with claimed(output_dir), sigterm_raises():
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        if cfg.keep_freed_memory:
-            keep_freed_memory()
         if cfg.get("threads"):
             torch.set_num_threads(cfg.threads)
         datamodule = build(cfg.data)
         datamodule.setup("fit")
-        check_against_data(cfg, datamodule.n_rows, datamodule.n_cols, datamodule.stats["n_items"])
-        # The one place where the data shapes the model: its width, its number of rows and the rating scale.
-        rating_min, rating_max = datamodule.rating_range
-        model = build(cfg.model, n_inputs=datamodule.n_cols, n_rows=datamodule.n_rows, rating_min=rating_min,
-                      rating_max=rating_max, optimizer=instantiate(cfg.optimizer),
-                      scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None)
+        check_against_data(cfg, datamodule.stats["n_items"])
+        cfg = with_model_defaults(cfg)  # every value the model runs with, for config.yaml and MLflow
+        model = build_model(cfg, datamodule)
         sweep = cfg.get("sweep") or {}
         trial, beating = None, contextlib.nullcontext()
         if sweep.get("trial") is not None:  # report every epoch; with no pruner that only records the curve
@@ -212,7 +206,7 @@ def fit(cfg: DictConfig) -> Trained:
         last = LastCheckpoint(output_dir / "checkpoints" / "last.ckpt", cfg.checkpoint_every_s)
         logger = False
         try:
-            logger = start_run(cfg, datamodule)
+            logger = start_run(cfg, datamodule, digest)
             with beating:
                 metrics = fit_and_test(cfg, model, datamodule, logger, last, trial)
         except BaseException as err:
@@ -233,10 +227,10 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
     # The best weights at each improvement (weights only: 24 MB for ML-1M AutoRec, written in a third of the
     # time of the 72 MB full state); the full state for `resume` after the first epoch, then at most every
     # `checkpoint_every_s` seconds (LastCheckpoint). Writing both every epoch took longer than an ML-1M epoch.
-    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor="val/rmse",
+    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor=VAL_RMSE,
                                  mode="min", save_top_k=1, save_weights_only=True, enable_version_counter=False)
     rating_min, rating_max = datamodule.rating_range
-    callbacks = [checkpoint, last, EarlyStopping(monitor="val/rmse", mode="min", patience=cfg.patience),
+    callbacks = [checkpoint, last, EarlyStopping(monitor=VAL_RMSE, mode="min", patience=cfg.patience),
                  EpochTimer(), DivergenceGuard(rating_min, rating_max)]
     if cfg.get("scheduler") and logger:
         callbacks.append(LearningRateMonitor("epoch"))  # the schedule, epoch by epoch, in MLflow
@@ -246,24 +240,32 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
 
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.resume)
-    if last.interrupt is not None:  # stopped by a signal at the end of a batch; the state is saved
-        raise Interrupted(last.interrupt.name)
-    metrics = {OBJECTIVE: float(model.val_rmse_best.compute()), "time/fit_s": time.perf_counter() - start,
-               "epochs": trainer.current_epoch}
+    if model.closed_form:  # fitted once, validated once; its only weights are its best
+        datamodule.setup("fit")
+        model.solve(datamodule.train_matrix)
+        trainer.validate(model, datamodule=datamodule, verbose=False)
+        best = str(output_dir / "checkpoints" / "best.ckpt")
+        trainer.save_checkpoint(best, weights_only=True)
+    else:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.resume)
+        if last.interrupt is not None:  # stopped by a signal at the end of a batch; the state is saved
+            raise Interrupted(last.interrupt.name)
+        best = checkpoint.best_model_path
+    metrics = {OBJECTIVE: float(model.val_rmse_best.compute()), FIT_SECONDS: time.perf_counter() - start,
+               EPOCHS: trainer.current_epoch}
     pruned = reporting is not None and reporting.pruned
     if not pruned:  # no test for a trial the sweep gave up on
-        test = trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False)[0]
-        metrics["test/rmse"] = float(test["test/rmse"])
+        test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+        metrics[TEST_RMSE] = float(test[TEST_RMSE])
         if cfg.get("ranking"):  # on the best checkpoint, which trainer.test has loaded into the model
             ranking = evaluate_ranking(model, datamodule, **cfg.ranking)
             metrics.update({f"test/{k}": v for k, v in (ranking or {}).items()})
     if logger:
-        logger.log_metrics({k: v for k, v in metrics.items() if k != "test/rmse"})
+        logger.log_metrics({k: v for k, v in metrics.items() if k != TEST_RMSE})
         if trial is not None:
             logger.experiment.set_tag(logger.run_id, "optuna.state", "PRUNED" if pruned else "COMPLETE")
         if not pruned:
-            logger.experiment.log_artifact(logger.run_id, checkpoint.best_model_path, "checkpoints")
+            logger.experiment.log_artifact(logger.run_id, best, "checkpoints")
         logger.experiment.log_artifact(logger.run_id, str(output_dir / "config.yaml"))
         if not logger.flush():
             raise RuntimeError("the tracking store still does not take this run's metrics; its checkpoints "
@@ -278,10 +280,10 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
         except (ValueError, RuntimeError) as err:  # failed meanwhile (its heartbeat seemed lost): keep the run
             log.warning("trial %d was already closed in the study (%s); its result stays in this run",
                         trial.number, err)
-    summary = "  ".join(f"{k}={metrics[k]:.4f}" for k in ("test/rmse", "test/recall_at_10", "test/ndcg_at_10")
+    summary = "  ".join(f"{k}={metrics[k]:.4f}" for k in (TEST_RMSE, "test/recall_at_10", "test/ndcg_at_10")
                         if k in metrics)
-    log.info("%s after %d epochs (%.1f s): val/rmse_best=%.4f  %s", "pruned" if pruned else "done",
-             metrics["epochs"], metrics["time/fit_s"], metrics[OBJECTIVE], summary)
+    log.info("%s after %d epochs (%.1f s): " + OBJECTIVE + "=%.4f  %s", "pruned" if pruned else "done",
+             metrics[EPOCHS], metrics[FIT_SECONDS], metrics[OBJECTIVE], summary)
     log.info("checkpoints: %s", output_dir / "checkpoints")
     if logger:
         uri = tracking_uri(cfg.logger.uri)

@@ -80,7 +80,7 @@ def test_sparse_products_match_dense_ones_with_empty_rows_and_columns_and_every_
 
 def test_sparse_products_run_under_bf16_autocast_and_keep_float32_gradients():
     torch.manual_seed(0)
-    model = DeepAutoencoder(n_inputs=9, layer_sizes=[5, 3], output_path="sparse", optimizer=torch.optim.Adam)
+    model = DeepAutoencoder(n_inputs=9, layer_sizes=[5, 3], sampled_output=True, optimizer=torch.optim.Adam)
     x = random_rows(n_rows=6, n_cols=9, density=0.4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model.training_loss(x)
@@ -129,9 +129,9 @@ def test_autorec_learns_the_planted_structure(data_root, orientation):
     lambda **kw: DeepAutoencoder(n_inputs=9, layer_sizes=[5, 3], tied=True, **kw),
     lambda **kw: VAE(n_inputs=9, layer_sizes=[5, 3], **kw),
 ], ids=["autorec", "autorec-sigmoid-output", "deep", "deep-tied", "vae"])
-def test_sparse_and_dense_output_paths_give_the_same_loss_and_gradients(make):
+def test_sampled_and_dense_outputs_give_the_same_loss_and_gradients(make):
     torch.manual_seed(0)
-    sparse, dense = make(output_path="sparse", optimizer=torch.optim.Adam), make(output_path="dense",
+    sparse, dense = make(sampled_output=True, optimizer=torch.optim.Adam), make(sampled_output=False,
                                                                                  optimizer=torch.optim.Adam)
     dense.load_state_dict(sparse.state_dict())
     x = random_rows(n_rows=6, n_cols=9, density=0.4)
@@ -151,18 +151,19 @@ def test_sparse_and_dense_output_paths_give_the_same_loss_and_gradients(make):
     torch.testing.assert_close(sparse.predict_at(x, x), dense(x)[x.row_index(), x.col])
 
 
-def test_auto_output_path_goes_sparse_for_sparse_batches_or_outputs_too_big_to_hold_and_forced_paths_hold():
+def test_auto_sampled_output_is_used_for_sparse_batches_or_outputs_too_big_to_hold_and_forced_paths_hold():
     x = random_rows(density=0.3)
     auto = AutoRec(n_inputs=9, optimizer=torch.optim.Adam)
-    assert not auto.sparse_output(x)
+    assert not auto.use_sampled_output(x)
     wide = x._replace(n_cols=138_000, crow=torch.zeros(1025, dtype=torch.long))  # 1024 rows x 138k columns
-    assert auto.sparse_output(wide)
+    assert auto.use_sampled_output(wide)
     sparse = random_rows(n_rows=20, n_cols=1000, density=0.005)  # 0.5% of the cells
-    assert auto.sparse_output(sparse) and not auto.sparse_output(random_rows(n_rows=20, n_cols=1000, density=0.02))
-    assert AutoRec(n_inputs=9, output_path="sparse", optimizer=torch.optim.Adam).sparse_output(x)
-    assert not AutoRec(n_inputs=9, output_path="dense", optimizer=torch.optim.Adam).sparse_output(wide)
-    with pytest.raises(ValueError, match="output_path='fast'"):
-        AutoRec(n_inputs=9, output_path="fast", optimizer=torch.optim.Adam)
+    denser = random_rows(n_rows=20, n_cols=1000, density=0.02)
+    assert auto.use_sampled_output(sparse) and not auto.use_sampled_output(denser)
+    assert AutoRec(n_inputs=9, sampled_output=True, optimizer=torch.optim.Adam).use_sampled_output(x)
+    assert not AutoRec(n_inputs=9, sampled_output=False, optimizer=torch.optim.Adam).use_sampled_output(wide)
+    with pytest.raises(ValueError, match="sampled_output='fast'"):
+        AutoRec(n_inputs=9, sampled_output="fast", optimizer=torch.optim.Adam)
 
 
 def test_plateau_scheduler_cuts_the_learning_rate_when_validation_stalls(data_root):

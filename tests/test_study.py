@@ -2,6 +2,7 @@
 
 import csv
 import math
+from datetime import datetime, timezone
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -33,7 +34,7 @@ def test_mean_ci_uses_the_t_distribution():
 
 def overrides(data_root, tmp_path):
     return [f"data.root={data_root}", "data.download=false", "data.batch_size=32", "trainer.max_epochs=2",
-            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "hidden=16", "depth=2",
+            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
             f"logger.uri=sqlite:///{tmp_path}/mlruns/mlflow.db"]
 
 
@@ -99,6 +100,11 @@ def test_the_report_has_every_row_with_intervals_and_all_six_figures(mini_study)
         assert 0 <= float(r["recall_at_10"]) <= 1
     text = (out / "mini.md").read_text()
     assert "± " in text and "VAE 500,200" in text and "![fig8_vae.png](fig8_vae.png)" in text
+    # where, when and how: the machine the runs recorded, their date, the study's and the report's commands
+    from cfae.processes import machine
+
+    assert f"{machine()}; python -m cfae.study --config {tmp_path / 'plan.yaml'}" in text
+    assert "; python -m cfae.report" in text and datetime.now(timezone.utc).date().isoformat() in text
     (logged,) = client.search_runs([client.get_experiment_by_name("cfae").experiment_id], "tags.`cfae.report` = 'mini'")
     names = {a.path for a in client.list_artifacts(logged.info.run_id)}
     assert {"mini.md", "mini.csv", "fig3_latent_size.png", "fig8_vae.png"} <= names
@@ -108,7 +114,7 @@ def test_a_figure_whose_runs_are_missing_is_not_drawn(mini_study, tmp_path):
     src, _, client = mini_study
     records = report.load_runs(client, client.get_experiment_by_name("cfae").experiment_id, "mini")
     rows_only = [r for r in records if not r["figure"]]  # as if the figures' runs had not been run
-    drawn = report.figures(client, rows_only, tmp_path)
+    drawn = report.figures(client, rows_only, tmp_path, "a footer")
     assert {name for name, ok in drawn.items() if ok} == {"fig5_deep.png", "fig8_vae.png"}  # rows suffice
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["fig5_deep.png", "fig8_vae.png"]
 

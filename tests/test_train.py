@@ -8,7 +8,8 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from cfae.checks import ConfigError, Diverged
-from cfae.train import keep_freed_memory, train
+from cfae.processes import keep_freed_memory
+from cfae.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,12 +140,12 @@ def test_train_py_bad_fold_is_a_clear_error(data_root, tmp_path):
 def test_precision_follows_the_hardware(monkeypatch, cuda, cuda_bf16, amx, accelerator, expected):
     import torch
 
-    from cfae import _precision
+    from cfae import configs
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert _precision(accelerator) == expected
+    monkeypatch.setattr(configs, "cpu_has_amx", lambda: amx)
+    assert configs.precision(accelerator) == expected
 
 
 def test_the_trainer_logs_the_precision_it_ran_at(trained):

@@ -20,14 +20,14 @@ ADAM = torch.optim.Adam
 def test_denoising_corrupts_only_training_inputs_and_scores_clean_ratings():
     torch.manual_seed(0)
     x = random_rows(n_rows=8, n_cols=30, density=0.5)
-    model = AutoRec(n_inputs=30, hidden_size=6, input_dropout=0.5, optimizer=ADAM)
+    model = AutoRec(n_inputs=30, hidden_size=6, noise=0.5, optimizer=ADAM)
     clean = AutoRec(n_inputs=30, hidden_size=6, optimizer=ADAM)
     clean.load_state_dict(model.state_dict())
     model.eval()
     torch.testing.assert_close(model(x), clean.eval()(x))  # no corruption at evaluation
     model.train()
     assert not torch.allclose(model(x), model(x))  # a fresh corruption each training pass
-    everything_dropped = AutoRec(n_inputs=30, hidden_size=6, input_dropout=1.0, optimizer=ADAM)
+    everything_dropped = AutoRec(n_inputs=30, hidden_size=6, noise=1.0, optimizer=ADAM)
     constant = everything_dropped.decoder(torch.sigmoid(everything_dropped.encoder.bias)).expand(8, 30)
     # the loss compares the (all-dropped) reconstruction with the clean ratings, not the corrupted zeros
     torch.testing.assert_close(everything_dropped.training_loss(x), masked_mse(constant, x))
@@ -50,8 +50,8 @@ def test_tied_decoder_reuses_the_encoder_weights():
 def test_refeeding_adds_the_dense_loss_and_changes_the_gradient():
     torch.manual_seed(0)
     x = random_rows(n_rows=5, n_cols=12, density=0.4)
-    plain = DeepAutoencoder(n_inputs=12, layer_sizes=[6, 3], optimizer=ADAM)
-    refeed = DeepAutoencoder(n_inputs=12, layer_sizes=[6, 3], refeed=1, optimizer=ADAM)
+    plain = DeepAutoencoder(n_inputs=12, layer_sizes=[6, 3], dropout=0.0, optimizer=ADAM)
+    refeed = DeepAutoencoder(n_inputs=12, layer_sizes=[6, 3], dropout=0.0, refeed=1, optimizer=ADAM)
     refeed.load_state_dict(plain.state_dict())
     y = plain(x).detach()
     expected_extra = ((plain(y) - y) ** 2).mean()

@@ -9,7 +9,7 @@ trained on the observed entries of r only, with L2 on W and V. Sedhain et al. us
 f = identity and 500 hidden units (sec. 3); the study swaps in ELU/SELU and RMSProp (sec. 4.3).
 
 Denoising (the study, sec. 4.3.1; Vincent et al. 2008): in training only, the input r is corrupted
-(a fraction `input_dropout` of its ratings dropped, optional Gaussian noise) while the loss still scores
+(a fraction `noise` of its ratings dropped, optional Gaussian noise) while the loss still scores
 every observed rating of the clean r.
 """
 
@@ -29,12 +29,12 @@ class AutoRec(RatingModel):
         hidden_activation: str = "sigmoid",  # g
         output_activation: str = "identity",  # f
         dropout: float = 0.0,  # on the code h; 0 is plain AutoRec
-        input_dropout: float = 0.0,  # denoising: drop this fraction of the input ratings in training
-        input_noise: float = 0.0,  # denoising: Gaussian noise on the input ratings in training
+        noise: float = 0.0,  # denoising: drop this fraction of the input ratings in training
+        gaussian_noise: float = 0.0,  # denoising: Gaussian noise (its std) on the input ratings in training
         **base,
     ):
         super().__init__(n_inputs=n_inputs, **base)
-        self.input_dropout, self.input_noise = input_dropout, input_noise
+        self.noise, self.gaussian_noise = noise, gaussian_noise
         self.encoder = SparseLinear(n_inputs, hidden_size)  # W, b
         self.hidden_activation = activation(hidden_activation)  # g
         self.dropout = nn.Dropout(dropout)
@@ -43,7 +43,7 @@ class AutoRec(RatingModel):
 
     def features(self, r: SparseRows | Tensor) -> Tensor:
         if self.training and isinstance(r, SparseRows):
-            r = corrupt(r, self.input_dropout, self.input_noise)  # the loss still scores the clean r
+            r = corrupt(r, self.noise, self.gaussian_noise)  # the loss still scores the clean r
         return self.dropout(self.hidden_activation(self.encoder(r)))  # h(r): (batch, hidden_size)
 
     def output_layer(self) -> tuple[Tensor, Tensor]:

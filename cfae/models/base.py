@@ -4,13 +4,13 @@ optimizer.
 An autoencoder builds its layers and defines `features(x)` (everything up to the output layer) and
 `output_layer()` (its weight, one row per output column as nn.Linear stores it, and bias); the base
 composes them, densely (`forward`, every cell of a row) or only at the cells a loss or a metric needs
-(`predict_at`). It may override one hook more (`training_loss`). Models that are not autoencoders
-override `forward` and `predict_at` themselves.
+(`predict_at`; the sampled output). It may override one hook more (`training_loss`). Models that are not
+autoencoders override `forward` and `predict_at` themselves; a closed-form one (`closed_form = True`) is
+fitted by `solve` instead of gradient steps, then validated and tested like the others.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import lightning as L
@@ -20,11 +20,8 @@ from torch import Tensor, nn
 from torchmetrics import MinMetric
 
 from cfae.checks import Diverged
-from cfae.metrics import MaskedRMSE
+from cfae.metrics import TEST_RMSE, TRAIN_LOSS, VAL_RMSE, VAL_RMSE_BEST, MaskedRMSE
 from cfae.sparse import EvalBatch, SampledLinear, SparseLinear, SparseRows
-
-# Closed-form models skip training steps on purpose.
-warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
@@ -50,13 +47,13 @@ def decoder_layers(sizes: list[int]) -> nn.ModuleList:
     return nn.ModuleList([*hidden, nn.Linear(sizes[-2], sizes[-1])])
 
 
-def corrupt(x: SparseRows, dropout: float = 0.0, gaussian: float = 0.0) -> SparseRows:
-    """Denoising corruption of the observed ratings (Vincent et al. 2008): drop a fraction `dropout` of
-    them (the rest scaled by 1/(1-dropout), as nn.Dropout does, so the expected input is unchanged), and
-    add Gaussian noise of standard deviation `gaussian`. Unobserved cells stay empty."""
-    val = F.dropout(x.val, dropout) if dropout else x.val
-    if gaussian:
-        val = val + gaussian * torch.randn_like(val)
+def corrupt(x: SparseRows, noise: float = 0.0, gaussian_noise: float = 0.0) -> SparseRows:
+    """Denoising corruption of the observed ratings (Vincent et al. 2008): drop a fraction `noise` of them
+    (the rest scaled by 1/(1-noise), as nn.Dropout does, so the expected input is unchanged), and add
+    Gaussian noise of standard deviation `gaussian_noise`. Unobserved cells stay empty."""
+    val = F.dropout(x.val, noise) if noise else x.val
+    if gaussian_noise:
+        val = val + gaussian_noise * torch.randn_like(val)
     return x._replace(val=val)
 
 
@@ -69,21 +66,22 @@ def masked_mse(out: Tensor, target: SparseRows) -> Tensor:
 class RatingModel(L.LightningModule):
     """Base of every model: input a batch of sparse rows, output dense rows of predicted ratings."""
 
+    closed_form = False  # True: fitted once by `solve`, no gradient steps
+
     def __init__(
         self,
         n_inputs: int,  # width of a row (the number of columns)
-        optimizer: Callable[..., torch.optim.Optimizer] | None = None,  # None: a closed-form fit
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,  # a partial: it gets the parameters
         scheduler: Callable[..., torch.optim.lr_scheduler.ReduceLROnPlateau] | None = None,  # on val/rmse
-        n_rows: int | None = None,  # number of rows: only models with per-row parameters use it
         weight_decay: float = 0.0,  # L2 on weight matrices only (not on biases or norm scales)
         rating_min: float = 1.0,
         rating_max: float = 5.0,
-        output_path: str = "auto",  # sparse: outputs only where needed; dense: whole rows; auto: see below
+        sampled_output: str | bool = "auto",  # outputs only at the cells needed (true), whole rows (false)
     ):
         super().__init__()
-        if output_path not in ("auto", "sparse", "dense"):
-            raise ValueError(f"output_path={output_path!r}: expected 'auto', 'sparse' or 'dense'")
-        self.weight_decay, self.output_path = weight_decay, output_path
+        if sampled_output not in ("auto", True, False):
+            raise ValueError(f"sampled_output={sampled_output!r}: expected auto, true or false")
+        self.weight_decay, self.sampled_output = weight_decay, sampled_output
         self.output_function: nn.Module = nn.Identity()  # f in r_hat = f(V h + c); models may set their own
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.val_rmse = MaskedRMSE(rating_min, rating_max)
@@ -103,21 +101,21 @@ class RatingModel(L.LightningModule):
         """(batch, n_inputs): predictions for every cell of the rows of x."""
         return self.output_function(F.linear(self.features(x), *self.output_layer()))
 
-    def sparse_output(self, at: SparseRows) -> bool:
-        """Whether to compute outputs only at the cells of `at`. `auto` goes sparse when the cells are under
+    def use_sampled_output(self, at: SparseRows) -> bool:
+        """Whether to compute outputs only at the cells of `at`. `auto` does so when the cells are under
         1% of the batch's rows x columns, or when the dense output would pass 256 MB. Measured on a 2-core
         AMX CPU (benchmarks/kernels.py, 256 rows, latent 500): at ML-1M's 4% the dense bf16 product wins
         (tiles reuse each weight row across the batch: 1.6 ms against 3.0 sampled), at ML-20M's 0.4% the
         sampled one does (22 ms against 104)."""
-        if self.output_path != "auto":
-            return self.output_path == "sparse"
+        if self.sampled_output != "auto":
+            return self.sampled_output
         cells = at.n_rows * at.n_cols
         return len(at.col) < 0.01 * cells or cells * 4 > 256 * 2**20
 
-    def output_at(self, h: Tensor, at: SparseRows) -> Tensor:
+    def decode_at(self, h: Tensor, at: SparseRows) -> Tensor:
         """(at nnz,) the output layer applied to features h, at the cells of `at` only."""
         weight, bias = self.output_layer()
-        if self.sparse_output(at):
+        if self.use_sampled_output(at):
             z = SampledLinear.apply(h, weight, bias, at.crow, at.col)
         else:
             z = F.linear(h, weight, bias)[at.row_index(), at.col]
@@ -125,21 +123,19 @@ class RatingModel(L.LightningModule):
 
     def predict_at(self, x: SparseRows, at: SparseRows) -> Tensor:
         """(at nnz,) predictions for the cells of `at`, the rows of x being the input."""
-        return self.output_at(self.features(x), at)
+        return self.decode_at(self.features(x), at)
 
     # -- training and evaluation ---------------------------------------------------------------------
     def training_loss(self, batch: SparseRows) -> Tensor:
         """The objective on one batch: by default the MSE of the reconstruction at the observed ratings."""
         return F.mse_loss(self.predict_at(batch, batch), batch.val)
 
-    def training_step(self, batch: SparseRows, batch_idx: int) -> Tensor | None:
-        if self.optimizer_factory is None:  # a closed-form model, fitted in on_fit_start
-            return None
+    def training_step(self, batch: SparseRows, batch_idx: int) -> Tensor:
         loss = self.training_loss(batch)
         if not torch.isfinite(loss):  # fail loudly rather than early-stop on NaN and look fine
             raise Diverged(f"training diverged: the loss is {loss.item()} at epoch {self.current_epoch}, "
                            f"step {self.global_step}; lower optimizer.lr?")
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch.val))
+        self.log(TRAIN_LOSS, loss, on_step=False, on_epoch=True, batch_size=len(batch.val))
         return loss
 
     def predict_held_out(self, batch: EvalBatch) -> Tensor:
@@ -150,30 +146,26 @@ class RatingModel(L.LightningModule):
     def on_train_start(self) -> None:
         self.val_rmse_best.reset()  # forget the sanity check's value
 
-    def on_train_epoch_end(self) -> None:
-        if self.optimizer_factory is None:  # closed form: one (empty) epoch to validate, then done
-            self.trainer.should_stop = True
-
     def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
         self.val_rmse.update(self.predict_held_out(batch), batch.targets.val)
-        self.log("val/rmse", self.val_rmse, on_epoch=True, prog_bar=True, batch_size=len(batch.targets.val))
+        self.log(VAL_RMSE, self.val_rmse, on_epoch=True, prog_bar=True, batch_size=len(batch.targets.val))
 
     def on_validation_epoch_end(self) -> None:
         self.val_rmse_best(self.val_rmse.compute())
-        self.log("val/rmse_best", self.val_rmse_best.compute(), prog_bar=True)
+        self.log(VAL_RMSE_BEST, self.val_rmse_best.compute(), prog_bar=True)
 
     def test_step(self, batch: EvalBatch, batch_idx: int) -> None:
         self.test_rmse.update(self.predict_held_out(batch), batch.targets.val)
-        self.log("test/rmse", self.test_rmse, on_epoch=True, batch_size=len(batch.targets.val))
+        self.log(TEST_RMSE, self.test_rmse, on_epoch=True, batch_size=len(batch.targets.val))
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:
-            return None
+            raise ValueError(f"{type(self).__name__} was built without an optimizer (optimizer=<a partial>)")
         decay = [p for p in self.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.parameters() if p.ndim < 2]
         optimizer = self.optimizer_factory(params=[{"params": decay, "weight_decay": self.weight_decay},
                                                    {"params": no_decay, "weight_decay": 0.0}])
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = {"scheduler": self.scheduler_factory(optimizer), "monitor": "val/rmse", "interval": "epoch"}
+        scheduler = {"scheduler": self.scheduler_factory(optimizer), "monitor": VAL_RMSE, "interval": "epoch"}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

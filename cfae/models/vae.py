@@ -26,10 +26,10 @@ class VAE(RatingModel):
     def __init__(
         self,
         n_inputs: int,
-        layer_sizes: list[int] = (500, 200),  # the study's VAE row: 500 hidden, 200-dimensional code
+        layer_sizes: list[int],  # hidden sizes, then the code size; the study's row: conf/model/vae.yaml
         hidden_activation: str = "selu",
         output_activation: str = "identity",
-        dropout: float = 0.0,  # on the input ratings, as Liang et al. do
+        noise: float = 0.0,  # drop this fraction of the input ratings in training (Liang et al.'s dropout)
         beta_max: float = 0.2,  # Liang et al.'s best cap on ML-20M
         anneal_steps: int = 2000,
         **base,
@@ -44,7 +44,7 @@ class VAE(RatingModel):
         self.decoder = decoder_layers(mirror)
         self.hidden_activation = activation(hidden_activation)
         self.output_function = activation(output_activation)
-        self.input_dropout = dropout
+        self.noise = noise
 
     def kl_weight(self, step: int) -> float:
         """beta at optimizer step `step`: 0 at the first, rising linearly to beta_max at anneal_steps."""
@@ -52,7 +52,7 @@ class VAE(RatingModel):
 
     def encode(self, x: SparseRows | Tensor) -> tuple[Tensor, Tensor]:
         if self.training and isinstance(x, SparseRows):
-            x = corrupt(x, self.input_dropout)
+            x = corrupt(x, self.noise)
         h = x
         for layer in self.encoder:
             h = self.hidden_activation(layer(h))  # (batch, hidden)
@@ -81,7 +81,7 @@ class VAE(RatingModel):
     def training_loss(self, batch: SparseRows) -> Tensor:
         mu, logvar = self.encode(batch)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        pred = self.output_at(self.decoder_features(z), batch)  # (nnz,) only the observed cells
+        pred = self.decode_at(self.decoder_features(z), batch)  # (nnz,) only the observed cells
         squared_error = (pred - batch.val).square().sum()
         kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum()  # summed over rows and code
         beta = self.kl_weight(self.global_step)

@@ -1,0 +1,83 @@
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.utils import get_class
+
+from cfae.checks import ConfigError, check_config
+from cfae.configs import HANDED_OVER, compose, constructor_defaults, layers, with_model_defaults
+from cfae.models import AutoRec, DeepAutoencoder, RatingModel
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_CONFIGS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_a_model_config_names_every_constructor_argument_so_each_can_be_overridden(name):
+    model = compose(f"model={name}").model
+    cls = get_class(model._target_)
+    expected = set(constructor_defaults(cls)) - HANDED_OVER
+    if cls.closed_form or cls.output_layer is RatingModel.output_layer:  # not an autoencoder: no output layer
+        expected -= set(constructor_defaults(RatingModel))
+    assert expected <= set(model), f"conf/model/{name}.yaml lacks {sorted(expected - set(model))}"
+
+
+def test_a_null_key_takes_the_constructors_default_and_a_knob_wins_over_it():
+    autorec = with_model_defaults(compose("model=autorec")).model
+    signature = inspect.signature(AutoRec).parameters
+    assert autorec.hidden_size == signature["hidden_size"].default == 500
+    assert autorec.noise == signature["noise"].default and autorec.weight_decay == 3e-4  # the config's own
+    assert with_model_defaults(compose("model=autorec", "hidden=300")).model.hidden_size == 300
+    assert with_model_defaults(compose("model=denoising")).model.noise == 0.2  # the row's value, not AutoRec's
+    assert with_model_defaults(compose("model=denoising", "noise=0.5")).model.noise == 0.5
+    deep = with_model_defaults(compose("model=deep")).model
+    assert deep.dropout == inspect.signature(DeepAutoencoder).parameters["dropout"].default
+    assert list(deep.layer_sizes) == [300, 500, 750]
+    assert list(with_model_defaults(compose("model=deep", "hidden=64")).model.layer_sizes) == [64, 64, 64]
+
+
+def test_constructor_defaults_follow_kwargs_up_to_the_base_class():
+    defaults = constructor_defaults(AutoRec)
+    assert defaults["hidden_size"] == 500 and defaults["weight_decay"] == 0.0  # the second from RatingModel
+    assert "layer_sizes" not in constructor_defaults(DeepAutoencoder)  # required: each row names its own
+
+
+def test_layers_takes_the_row_for_a_knob_left_null():
+    assert layers(None, None, 300, 500, 750) == [300, 500, 750]
+    assert layers(128, None, 300, 500, 750) == [128, 128, 128]
+    assert layers(None, 2, 300, 500, 750) == [750, 750]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model=vae", "dropout=0.3"],
+     "dropout=0.3: cfae.models.VAE has no use for this knob; it takes hidden, depth, noise"),
+    (["model=bias", "hidden=8"], "hidden=8: cfae.models.MatrixFactorization has no use for this knob; it takes none"),
+    (["model=svd", "noise=0.1"], "noise=0.1: cfae.models.ImputedSVD has no use for this knob; it takes hidden"),
+])
+def test_a_knob_the_model_does_not_use_is_refused_not_ignored(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        check_config(compose(*overrides))
+    assert str(err.value) == message
+
+
+def test_importing_cfae_changes_nothing_global():
+    probe = """
+import warnings, logging
+from omegaconf import OmegaConf
+def state():
+    return list(warnings.filters), {n: logging.getLogger(n).level for n in logging.root.manager.loggerDict}
+import lightning, torch, optuna, mlflow, hydra, sqlalchemy  # the libraries' own import-time changes are theirs
+resolvers = [n for n in ("or", "layers", "precision") if OmegaConf.has_resolver(n)]
+before = state()
+import cfae, cfae.train, cfae.sweep, cfae.study, cfae.report, cfae.models, cfae.data, cfae.configs
+after = state()
+assert before[0] == after[0], "warning filters changed"
+assert [n for n in ("or", "layers", "precision") if OmegaConf.has_resolver(n)] == resolvers == [], "resolvers"
+changed = {n for n in before[1] if before[1][n] != after[1].get(n)}
+assert not changed, f"logger levels changed: {changed}"
+print("unchanged")
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert done.stdout.strip() == "unchanged", done.stderr[-2000:]
