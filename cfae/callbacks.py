@@ -52,8 +52,15 @@ class DivergenceGuard(Callback):
     that starts slowly scores worse (about 2.6 while it learns the mean).
     """
 
-    def __init__(self, rating_min: float, rating_max: float):
-        self.max_loss = 10 * (rating_max - rating_min) ** 2
+    def __init__(self, rating_min: float | None = None, rating_max: float | None = None):  # None: the data's
+        self.rating_range = rating_min, rating_max
+        self.max_loss = math.inf
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        low, high = self.rating_range
+        if low is None or high is None:
+            low, high = trainer.datamodule.rating_range
+        self.max_loss = 10 * (high - low) ** 2
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         loss = trainer.callback_metrics.get(TRAIN_LOSS)

@@ -19,11 +19,11 @@ from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from cfae.callbacks import DivergenceGuard, EpochTimer, LastCheckpoint, TrialReporting
+from cfae.callbacks import LastCheckpoint, TrialReporting
 from cfae.checks import ConfigError, UsageError, check_against_data, check_config
 from cfae.configs import register_resolvers, with_model_defaults
 from cfae.metrics import EPOCHS, FIT_SECONDS, TEST_RMSE, VAL_RMSE, VAL_RMSE_BEST
@@ -229,9 +229,7 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
     # `checkpoint_every_s` seconds (LastCheckpoint). Writing both every epoch took longer than an ML-1M epoch.
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor=VAL_RMSE,
                                  mode="min", save_top_k=1, save_weights_only=True, enable_version_counter=False)
-    rating_min, rating_max = datamodule.rating_range
-    callbacks = [checkpoint, last, EarlyStopping(monitor=VAL_RMSE, mode="min", patience=cfg.patience),
-                 EpochTimer(), DivergenceGuard(rating_min, rating_max)]
+    callbacks = [checkpoint, last, *(build(c) for c in (cfg.get("callbacks") or {}).values())]
     if cfg.get("scheduler") and logger:
         callbacks.append(LearningRateMonitor("epoch"))  # the schedule, epoch by epoch, in MLflow
     reporting = TrialReporting(trial) if trial else None

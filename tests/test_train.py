@@ -185,3 +185,14 @@ def test_a_model_is_composed_trained_and_returned_from_python_without_hydras_run
                   for b in trained.datamodule.val_dataloader()]
     rmse = (sum(errors) / trained.datamodule.val_matrix.nnz).sqrt().item()
     assert rmse == pytest.approx(trained.metrics["val/rmse_best"], abs=2e-3)
+
+
+def test_the_callbacks_group_chooses_the_optional_callbacks(trained, data_root, tmp_path):
+    _, _, run, _ = trained
+    assert "time/epoch_s" in run.data.metrics  # EpochTimer, from conf/callbacks/default.yaml
+    cfg = config(data_root, tmp_path, "callbacks=none", "trainer.max_epochs=2", "ranking=null")
+    train(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (bare,) = client.search_runs([client.get_experiment_by_name("cfae").experiment_id])
+    assert "time/epoch_s" not in bare.data.metrics and bare.data.metrics["epochs"] == 2
+    assert (tmp_path / "out" / "checkpoints" / "best.ckpt").is_file()  # the checkpoints are not optional
