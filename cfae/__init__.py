@@ -3,10 +3,11 @@
     import cfae
     cfg = cfae.compose("model=vae", "data=ml100k")   # as `python train.py model=vae data=ml100k` would run
     trained = cfae.fit(cfg)                           # .model, .datamodule, .metrics, .run_id
+    cfae.load(trained.run_id).recommend(42, k=10)     # a saved model's top 10 for user 42
 """
 
 __version__ = "0.1.0"
-__all__ = ["Trained", "compose", "fit"]
+__all__ = ["Trained", "compose", "fit", "load"]
 
 
 def __getattr__(name: str):
@@ -15,6 +16,10 @@ def __getattr__(name: str):
         from cfae.configs import compose
 
         return compose
+    if name == "load":
+        from cfae.recommender import load
+
+        return load
     if name in ("fit", "Trained"):
         from cfae import train
 

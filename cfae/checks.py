@@ -126,17 +126,25 @@ def check_config(cfg: DictConfig) -> None:
 KNOBS = ("hidden", "depth", "dropout", "noise")
 
 
-def _check_knobs(cfg: DictConfig) -> None:
+def knobs_used(model: DictConfig) -> list[str]:
+    """The knobs a model config feeds (`hidden_size: ${hidden}`, `${layers:${hidden},${depth},...}`)."""
+    text = str(OmegaConf.to_container(model, resolve=False))  # the model's keys, interpolations unresolved
+    return [k for k in KNOBS if "${" + k + "}" in text]
+
+
+def check_knob(cfg: DictConfig, knob: str, value: Any) -> None:
     """A knob that is set must feed the model: `dropout=0.3` on a model without code dropout is refused
     rather than ignored."""
-    if not OmegaConf.is_config(cfg.get("model")):
-        return
-    text = str(OmegaConf.to_container(cfg.model, resolve=False))  # the model's keys, interpolations unresolved
-    used = [k for k in KNOBS if "${" + k + "}" in text]
+    if knob in KNOBS and value is not None and OmegaConf.is_config(cfg.get("model")):
+        used = knobs_used(cfg.model)
+        if knob not in used:
+            raise ConfigError(f"{knob}={_show(value)}: {cfg.model.get('_target_')} has no use for this knob; it "
+                              f"takes {', '.join(used) or 'none'}")
+
+
+def _check_knobs(cfg: DictConfig) -> None:
     for knob in KNOBS:
-        if cfg.get(knob) is not None and knob not in used:
-            raise ConfigError(f"{knob}={_show(cfg.get(knob))}: {cfg.model.get('_target_')} has no use for this "
-                              f"knob; it takes {', '.join(used) or 'none'}")
+        check_knob(cfg, knob, cfg.get(knob))
 
 
 def _check_accelerator(accelerator: str | None) -> None:

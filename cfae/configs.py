@@ -18,7 +18,9 @@ import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from cfae.checks import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -26,12 +28,12 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 HANDED_OVER = {"n_inputs", "n_rows", "rating_min", "rating_max", "optimizer", "scheduler"}
 
 
-def layers(hidden: int | None, depth: int | None, *row: int) -> list[int]:
+def layers(hidden: int | None, depth: int | None, *row: int) -> ListConfig:
     """Encoder layer sizes from the sweep knobs: `depth` layers of width `hidden`, each knob left null
     taking the model's row (`row`, the study's layer sizes) for its value."""
     if hidden is None and depth is None:
-        return list(row)
-    return [hidden if hidden is not None else row[-1]] * (depth if depth is not None else len(row))
+        return OmegaConf.create(list(row))
+    return OmegaConf.create([hidden if hidden is not None else row[-1]] * (depth if depth is not None else len(row)))
 
 
 def cpu_has_amx() -> bool:
@@ -96,8 +98,30 @@ def with_model_defaults(cfg: DictConfig) -> DictConfig:
     leaves out, or sets to null (a sweep knob left null), takes the constructor's default. One home per
     default (the model's signature), and a run's config and MLflow params still show every value."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    cls = get_class(cfg.model._target_)
     given = {k: v for k, v in cfg.model.items() if v is not None}
     defaults = {k: list(v) if isinstance(v, tuple) else v
-                for k, v in constructor_defaults(get_class(cfg.model._target_)).items() if k not in HANDED_OVER}
+                for k, v in constructor_defaults(cls).items() if k not in HANDED_OVER}
+    unknown = sorted(k for k, v in cfg.model.items() if v is None and k not in defaults)
+    if unknown:  # a misspelt key must not vanish
+        raise ConfigError(f"model.{unknown[0]}: {cls.__name__} takes no such argument with a default "
+                          f"(it takes {', '.join(sorted(defaults))})")
     cfg.model = {"_target_": given.pop("_target_"), **defaults, **given}
     return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cfae.configs <overrides>`: the whole run `python train.py <overrides>` would make, every
+    model argument included (what its config.yaml will hold)."""
+    import sys
+
+    from cfae.checks import reported_in_one_line
+
+    with reported_in_one_line():
+        cfg = with_model_defaults(compose(*(sys.argv[1:] if argv is None else argv)))
+    print(OmegaConf.to_yaml(cfg), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -70,7 +70,7 @@ def keep_freed_memory() -> bool:
 
 def machine() -> str:
     """What this process computes on, for the record beside every timing: the CPU model and its cores as
-    the OS counts them, and the GPU torch sees ("AMD EPYC, 2 cores, no GPU")."""
+    this process may use, and the GPU torch sees ("AMD EPYC, 2 cores, no GPU")."""
     import torch  # here, not at the top: `processes` stays light for the sweeper's liveness checks
 
     cpu = platform.processor() or platform.machine()
@@ -80,4 +80,5 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu}, {cores} cores, {gpu}"

@@ -16,6 +16,7 @@ import argparse
 import csv
 import logging
 import math
+import shlex
 import sys
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -131,11 +132,11 @@ def write_csv(rows: list[dict], path: Path) -> None:
 # -- figures ---------------------------------------------------------------------------------------------
 def provenance(records: list[dict], command: str) -> str:
     """Where and when the runs ran and the commands that made them: the line under every figure."""
-    machines = ", ".join(sorted({r["machine"] for r in records}, key=str)) if records else "not recorded"
+    machines = " / ".join(sorted({r["machine"] for r in records}))
     dates = sorted({r["date"] for r in records})
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
-    study = next((r["command"] for r in records if r["command"]), "python -m cfae.study")
-    return f"{when}; {machines}\n{study}; {command}"
+    studies = " / ".join(sorted({r["command"] for r in records if r["command"]})) or "python -m cfae.study"
+    return f"{when}; {machines}\n{studies}; {command}"
 
 
 def stamp(fig, text: str) -> None:
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
-    command = " ".join(["python -m cfae.report", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "-m", "cfae.report", *(argv if argv is not None else sys.argv[1:])])
     result = report(args.study, args.out, args.uri, log_to_mlflow=not args.no_mlflow, command=command)
     print((Path(args.out) / f"{args.study}.md").read_text())
     return 1 if result["missing"] else 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     study = OmegaConf.load(args.config)
     name = args.name or study.name
     runs = plan(study, [int(f) for f in args.folds.split(",")] if args.folds else None)
-    command = " ".join(["python -m cfae.study", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "-m", "cfae.study", *(argv if argv is not None else sys.argv[1:])])
     configs = [compose_run(r, name, args.overrides, Path(args.output_dir) / name, command) for r in runs]
     with reported_in_one_line():  # a bad value is refused before the first run, not in every run
         for cfg in configs:

@@ -46,7 +46,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import TrialState
 
 from cfae import studies
-from cfae.checks import ConfigError, check_config, reported_in_one_line
+from cfae.checks import ConfigError, check_config, check_knob, reported_in_one_line
 from cfae.metrics import VAL_RMSE_BEST
 from cfae.processes import this_process
 from cfae.stores import store_lock
@@ -211,6 +211,8 @@ class OptunaSweep(Sweeper):
             raise ConfigError("nothing to sweep: give parameters (hidden=300,500,750) or a model with a "
                               "search space in conf/search_space/")
         check_config(self.config)
+        for name in distributions:  # a swept knob the model would ignore is refused now
+            check_knob(self.config, name, "(swept)")
         if self.config.get("logger"):
             mlflow_client(self.tracking_uri)  # a server that does not answer is said now, in one line
         return distributions, fixed, grid_of(distributions)

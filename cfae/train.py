@@ -29,6 +29,7 @@ from cfae.configs import register_resolvers, with_model_defaults
 from cfae.metrics import EPOCHS, FIT_SECONDS, TEST_RMSE, VAL_RMSE, VAL_RMSE_BEST
 from cfae.processes import machine
 from cfae.ranking import evaluate_ranking
+from cfae.recommender import ARTIFACT, Recommender
 from cfae.studies import job_trial
 from cfae.tracking import config_digest, git_commit, mlflow_client, tracking_uri
 
@@ -109,7 +110,7 @@ def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
     if not cls.closed_form:
         given["optimizer"] = instantiate(cfg.optimizer)
         given["scheduler"] = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    return build(cfg.model, **given)
+    return build(cfg.model, _convert_="all", **given)  # plain lists and dicts: they go into the checkpoint
 
 
 def start_run(cfg: DictConfig, datamodule, digest: str):
@@ -197,6 +198,9 @@ def fit(cfg: DictConfig) -> Trained:
         check_against_data(cfg, datamodule.stats["n_items"])
         cfg = with_model_defaults(cfg)  # every value the model runs with, for config.yaml and MLflow
         model = build_model(cfg, datamodule)
+        if model.closed_form and cfg.get("resume"):
+            raise ConfigError(f"resume={cfg.resume}: {type(model).__name__} is solved in closed form; "
+                              f"there is no training to resume")
         sweep = cfg.get("sweep") or {}
         trial, beating = None, contextlib.nullcontext()
         if sweep.get("trial") is not None:  # report every epoch; with no pruner that only records the curve
@@ -238,8 +242,7 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
 
     start = time.perf_counter()
-    if model.closed_form:  # fitted once, validated once; its only weights are its best
-        datamodule.setup("fit")
+    if model.closed_form:  # fitted once, validated once, no epochs; its only weights are its best
         model.solve(datamodule.train_matrix)
         trainer.validate(model, datamodule=datamodule, verbose=False)
         best = str(output_dir / "checkpoints" / "best.ckpt")
@@ -258,12 +261,13 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
         if cfg.get("ranking"):  # on the best checkpoint, which trainer.test has loaded into the model
             ranking = evaluate_ranking(model, datamodule, **cfg.ranking)
             metrics.update({f"test/{k}": v for k, v in (ranking or {}).items()})
+        saved = Recommender.from_fit(model, datamodule).save(output_dir / ARTIFACT, best)  # for cfae.load
     if logger:
         logger.log_metrics({k: v for k, v in metrics.items() if k != TEST_RMSE})
         if trial is not None:
             logger.experiment.set_tag(logger.run_id, "optuna.state", "PRUNED" if pruned else "COMPLETE")
-        if not pruned:
-            logger.experiment.log_artifact(logger.run_id, best, "checkpoints")
+        if not pruned:  # the model you can load: weights, constructor arguments, input ratings, ids, titles
+            logger.experiment.log_artifacts(logger.run_id, str(saved), ARTIFACT)
         logger.experiment.log_artifact(logger.run_id, str(output_dir / "config.yaml"))
         if not logger.flush():
             raise RuntimeError("the tracking store still does not take this run's metrics; its checkpoints "

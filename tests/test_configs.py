@@ -19,8 +19,10 @@ def test_a_model_config_names_every_constructor_argument_so_each_can_be_overridd
     model = compose(f"model={name}").model
     cls = get_class(model._target_)
     expected = set(constructor_defaults(cls)) - HANDED_OVER
-    if cls.closed_form or cls.output_layer is RatingModel.output_layer:  # not an autoencoder: no output layer
-        expected -= set(constructor_defaults(RatingModel))
+    if cls.output_layer is RatingModel.output_layer:  # not an autoencoder: no output layer to sample
+        expected.discard("sampled_output")
+    if cls.closed_form:  # no optimizer, so no weight decay
+        expected.discard("weight_decay")
     assert expected <= set(model), f"conf/model/{name}.yaml lacks {sorted(expected - set(model))}"
 
 
@@ -81,3 +83,35 @@ print("unchanged")
 """
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert done.stdout.strip() == "unchanged", done.stderr[-2000:]
+
+
+def test_a_models_import_leaves_the_data_module_and_the_downloader_unloaded():
+    probe = "import sys, cfae.models; print(sorted(m for m in sys.modules if m.startswith('cfae.data')))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert done.stdout.strip() == "['cfae.data', 'cfae.data.means']", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("model", ["deep", "vae", "autorec"])
+def test_the_whole_run_prints_resolved_with_every_model_argument(model, capsys):
+    from cfae import configs
+
+    assert configs.main([f"model={model}", "depth=2"] if model != "autorec" else [f"model={model}"]) == 0
+    printed = capsys.readouterr().out
+    assert "hidden_size: 500" in printed if model == "autorec" else "layer_sizes:" in printed
+    from omegaconf import OmegaConf
+
+    assert None not in OmegaConf.create(printed).model.values()  # no model argument left null
+    done = subprocess.run([sys.executable, "train.py", f"model={model}", "--cfg", "job", "--resolve"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and "_target_: cfae.models." in done.stdout, done.stderr[-2000:]
+
+
+def test_a_misspelt_null_model_key_is_refused_not_dropped():
+    with pytest.raises(ConfigError, match=r"^model.gausian_noise: AutoRec takes no such argument"):
+        with_model_defaults(compose("model=autorec", "+model.gausian_noise=null"))
+
+
+def test_early_stopping_watches_the_metric_the_models_log():
+    from cfae.metrics import VAL_RMSE
+
+    assert compose().callbacks.early_stopping.monitor == VAL_RMSE

@@ -263,7 +263,7 @@ BAD = {
     "model=deep depth=0": "depth=0: must be an integer >= 1",
     "resume=/nowhere/last.ckpt": "resume=/nowhere/last.ckpt: no such checkpoint",
     "data.fold=5": "data.fold=5: must be an integer from 0 to 4",
-    "model=svd hidden=100000": ("the SVD's rank 100000 (hidden or model.n_factors) must be from 1 to "
+    "model=svd hidden=100000": ("model.n_factors=100000 (or hidden): the SVD's rank must be from 1 to "
                                 "min(rows, columns) - 1 = 199 for this data"),
     "data.min_item_ratings=100000": "no ratings left after dropping movies with fewer than 100000 ratings",
     "ranking.k=500": "ranking.k=500: must be below the number of items, 200 in this data",

@@ -272,3 +272,11 @@ def test_the_mlflow_server_serves_the_sweeps_parent_children_and_metrics(grid_sw
     finally:
         os.killpg(server.pid, 15)  # the server and its workers, by process id
         server.wait(timeout=30)
+
+
+def test_a_swept_knob_the_model_does_not_use_is_refused_before_any_trial(data_root, tmp_path):
+    done = sweep(tmp_path, data_root, *FAST, "model=vae", "dropout=interval(0,0.5)", "hydra.sweeper.n_trials=2")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == ("error: dropout=(swept): cfae.models.VAE has no use for this "
+                                                    "knob; it takes hidden, depth, noise")
+    assert not (tmp_path / "mlruns" / "optuna.db").exists() or not study(tmp_path, "vae-ml1m-item-fold0").trials

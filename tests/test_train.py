@@ -55,13 +55,17 @@ def test_mlflow_run_carries_metrics_params_and_provenance(trained):
     assert p["data/fold"] == "1" and p["model/hidden_size"] == "32" and p["optimizer/_target_"] == "torch.optim.Adam"
     assert p["dataset/n_users"] == "300" and p["dataset/n_items"] == "200" and len(p["dataset/sha256"]) == 64
     assert len(run.data.tags["mlflow.source.git.commit"]) >= 7 and run.data.tags["cfae.model"] == "autorec"
+    from cfae.processes import machine
+
+    assert run.data.tags["cfae.machine"] == machine() and " cores, " in machine()
 
 
 def test_mlflow_run_stores_config_and_best_checkpoint_under_mlruns(trained):
     _, client, run, tmp_path = trained
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "checkpoints"} <= artifacts
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
+    assert {"config.yaml", "recommender"} <= artifacts  # the best weights, inside the model cfae.load reads
+    saved = {a.path for a in client.list_artifacts(run.info.run_id, "recommender")}
+    assert saved == {"recommender/model.ckpt", "recommender/data.npz", "recommender/recommender.json"}
     assert run.info.artifact_uri.startswith((tmp_path / "mlruns" / "artifacts").as_uri())
 
 
@@ -196,3 +200,14 @@ def test_the_callbacks_group_chooses_the_optional_callbacks(trained, data_root, 
     (bare,) = client.search_runs([client.get_experiment_by_name("cfae").experiment_id])
     assert "time/epoch_s" not in bare.data.metrics and bare.data.metrics["epochs"] == 2
     assert (tmp_path / "out" / "checkpoints" / "best.ckpt").is_file()  # the checkpoints are not optional
+
+
+def test_a_closed_form_model_is_solved_validated_and_tested_without_epochs(data_root, tmp_path):
+    import cfae
+
+    trained = cfae.fit(config(data_root, tmp_path, "model=svd", "hidden=4", "ranking=null"))
+    assert trained.metrics["epochs"] == 0 and 0 < trained.metrics["test/rmse"] < 1.2
+    assert trained.model.optimizer_factory is None and (tmp_path / "out" / "checkpoints" / "best.ckpt").is_file()
+    last = tmp_path / "out" / "checkpoints" / "best.ckpt"
+    with pytest.raises(ConfigError, match="ImputedSVD is solved in closed form; there is no training to resume"):
+        cfae.fit(config(data_root, tmp_path / "again", "model=svd", "hidden=4", f"resume={last}"))

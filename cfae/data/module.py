@@ -14,7 +14,15 @@ from torch.utils.data import DataLoader
 
 from cfae.checks import DataError, is_int
 from cfae.data.means import fallback_predictions
-from cfae.data.movielens import Ratings, build_matrix, dataset_spec, file_digest, locate_ratings, read_ratings
+from cfae.data.movielens import (
+    Ratings,
+    build_matrix,
+    dataset_spec,
+    file_digest,
+    locate_ratings,
+    read_ratings,
+    read_titles,
+)
 from cfae.data.splits import check_split, split_ratings
 from cfae.sparse import EvalBatch, SparseRows
 
@@ -131,12 +139,15 @@ class MovieLensDataModule(L.LightningDataModule):
         if self.given is not None:
             ratings, source = self.given
             checksum = hashlib.sha256(np.stack([ratings.users, ratings.items]).tobytes()).hexdigest()
+            self.titles = {}
         else:
             path = locate_ratings(self.dataset, self.root, self.download)
             spec = self.spec
             ratings = read_ratings(path, spec.separator, spec.header, spec.rating_min, spec.rating_max)
             source, checksum = str(path), file_digest(path)
+            self.titles = read_titles(path, spec)  # movie id -> title, for recommendations
         rm = build_matrix(ratings, self.min_item_ratings, source=source)
+        self.user_ids, self.item_ids = rm.user_ids, rm.item_ids  # the original id of each user and item index
         self.stats = {**rm.stats, "sha256": checksum, "file": source}
         log.info("%s: %d users, %d items, %d ratings (dropped %d items / %d ratings with < %d ratings), sha256 %s",
                  source, *(rm.stats[k] for k in ("n_users", "n_items", "n_ratings", "dropped_items",

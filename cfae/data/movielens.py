@@ -7,6 +7,7 @@ builds a dense users x items array.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 import os
@@ -45,18 +46,38 @@ class DatasetSpec:
     header: bool = False
     rating_min: float = 1.0
     rating_max: float = 5.0
+    titles_file: str = "movies.dat"  # movie id, title, ... (latin-1 before ML-20M, UTF-8 CSV in it)
 
 
 GROUPLENS = "https://files.grouplens.org/datasets/movielens"
 DATASETS: dict[str, DatasetSpec] = {
-    "ml100k": DatasetSpec("ml-100k", "u.data", "\t", f"{GROUPLENS}/ml-100k.zip", "0e33842e24a9c977be4e0107933c0723"),
+    "ml100k": DatasetSpec("ml-100k", "u.data", "\t", f"{GROUPLENS}/ml-100k.zip", "0e33842e24a9c977be4e0107933c0723",
+                          titles_file="u.item"),
     "ml1m": DatasetSpec("ml-1m", "ratings.dat", "::", f"{GROUPLENS}/ml-1m.zip", "c4d9eecfca2ab87c1945afe126590906"),
     # ML-10M unpacks to ml-10M100K/; its ratings (and ML-20M's) go in half stars from 0.5
     "ml10m": DatasetSpec("ml-10M100K", "ratings.dat", "::", f"{GROUPLENS}/ml-10m.zip",
                          "ce571fd55effeba0271552578f2648bd", rating_min=0.5),
     "ml20m": DatasetSpec("ml-20m", "ratings.csv", ",", f"{GROUPLENS}/ml-20m.zip",
-                         "cd245b17a1ae2cc31bb14903e1204af3", header=True, rating_min=0.5),
+                         "cd245b17a1ae2cc31bb14903e1204af3", header=True, rating_min=0.5, titles_file="movies.csv"),
 }
+
+
+def read_titles(ratings_path: Path, spec: DatasetSpec) -> dict[int, str]:
+    """Movie id -> title, from the release's movie file beside its ratings; empty if there is none (the
+    titles only label recommendations)."""
+    path = Path(ratings_path).parent / spec.titles_file
+    if not path.is_file():
+        return {}
+    if path.suffix == ".csv":  # ML-20M: movieId,title,genres with quoted titles
+        with path.open(newline="", encoding="utf-8") as f:
+            return {int(row[0]): row[1] for row in list(csv.reader(f))[1:] if row}
+    separator = "|" if spec.titles_file == "u.item" else "::"
+    titles = {}
+    for line in path.read_text(encoding="latin-1").splitlines():
+        fields = line.split(separator)
+        if len(fields) >= 2 and fields[0].strip().isdigit():
+            titles[int(fields[0])] = fields[1]
+    return titles
 
 
 def default_data_root() -> Path:

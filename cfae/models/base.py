@@ -79,6 +79,9 @@ class RatingModel(L.LightningModule):
         sampled_output: str | bool = "auto",  # outputs only at the cells needed (true), whole rows (false)
     ):
         super().__init__()
+        # Every constructor argument (subclasses' too) into the checkpoint, so that `Model.load_from_checkpoint`
+        # rebuilds it; not to the logger: the run's config already holds them.
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         if sampled_output not in ("auto", True, False):
             raise ValueError(f"sampled_output={sampled_output!r}: expected auto, true or false")
         self.weight_decay, self.sampled_output = weight_decay, sampled_output

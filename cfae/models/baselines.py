@@ -100,7 +100,7 @@ class ImputedSVD(RatingModel):
         if orientation not in ("item", "user"):
             raise ValueError(f"orientation={orientation!r}: expected 'item' or 'user'")
         if not 0 < n_factors < min(n_rows, n_inputs):
-            raise ConfigError(f"the SVD's rank {n_factors} (hidden or model.n_factors) must be from 1 to "
+            raise ConfigError(f"model.n_factors={n_factors} (or hidden): the SVD's rank must be from 1 to "
                               f"min(rows, columns) - 1 = {min(n_rows, n_inputs) - 1} for this data")
         self.n_factors = n_factors
         self.mean_axis = 1 if orientation == "item" else 0  # item means: of rows (item rows) or of columns

@@ -35,8 +35,7 @@ class DeepAutoencoder(RatingModel):
         layer_sizes: list[int],  # the last is the code size; the study's rows: conf/model/deep*.yaml
         hidden_activation: str = "selu",
         output_activation: str = "identity",
-        dropout: float = 0.5,  # on the code (Kuchaiev & Ginsburg: 0.8 for a 1024-wide code); ML-1M fold 0
-        # validation: 0.5 for the study's rows, 0 overfits
+        dropout: float = 0.5,  # on the code; 0 overfits the study's rows (ML-1M fold 0 validation)
         tied: bool = False,
         batch_norm: bool = False,
         refeed: int = 0,  # dense re-feeding steps per batch

@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+
+import cfae
+from cfae import recommend
+from cfae.models import AutoRec
+from cfae.ranking import score_matrix
+from cfae.recommender import UnknownId
+from cfae.synthetic import planted_ratings, write_ratings
+
+USER = 7  # an original MovieLens-style id (1-based)
+
+
+@pytest.fixture(scope="module", params=["item", "user"])
+def fitted(request, tmp_path_factory):
+    """A tiny AutoRec fitted on planted ratings whose release folder has a movies.dat, and its MLflow store."""
+    tmp_path = tmp_path_factory.mktemp(f"rec-{request.param}")
+    root = tmp_path / "data"
+    write_ratings(root / "ml-1m" / "ratings.dat", planted_ratings(n_users=120, n_items=80, density=0.3))
+    (root / "ml-1m" / "movies.dat").write_text("".join(f"{i}::Movie {i} (1999)::Drama\n" for i in range(1, 81)),
+                                               encoding="latin-1")
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    cfg = cfae.compose("hidden=16", f"data.root={root}", "data.download=false", f"data.orientation={request.param}",
+                       "data.batch_size=16", "trainer.max_epochs=3", "trainer.enable_progress_bar=false",
+                       "ranking=null", f"logger.uri={uri}", f"output_dir={tmp_path / 'out'}")
+    return cfae.fit(cfg), uri, tmp_path
+
+
+def own_ranking(trained, user_id: int, k: int) -> list[int]:
+    """The top k of the model's own dense scores for one user, rated movies excluded, in original ids."""
+    dm = trained.datamodule
+    scores = score_matrix(trained.model, dm.train_val_matrix)
+    seen = dm.train_val_matrix
+    if dm.orientation == "item":
+        scores, seen = scores.T, seen.T.tocsr()
+    u = int(np.flatnonzero(dm.user_ids == user_id)[0])
+    row = np.clip(scores[u].astype(np.float64), 1, 5)
+    row[seen[u].indices] = -np.inf
+    return [int(dm.item_ids[i]) for i in np.argsort(-row, kind="stable")[:k]]
+
+
+def test_a_loaded_run_recommends_k_unrated_movies_in_the_order_of_the_models_own_scores(fitted):
+    trained, uri, _ = fitted
+    rec = cfae.load(trained.run_id, tracking_uri=uri)
+    top = rec.recommend(USER, 10)
+    ids = [r.movie_id for r in top]
+    assert len(set(ids)) == 10 and [r.rank for r in top] == list(range(1, 11))
+    dm = trained.datamodule
+    rated = rec.user_ratings()[rec.user_index[USER]].indices
+    assert not set(ids) & {int(dm.item_ids[i]) for i in rated}
+    assert ids == own_ranking(trained, USER, 10)
+    assert all(r.title == f"Movie {r.movie_id} (1999)" for r in top)
+    assert [r.rating for r in top] == sorted((r.rating for r in top), reverse=True)
+    with_seen = rec.recommend(USER, 10, exclude_seen=False)
+    assert with_seen[0].rating >= top[0].rating
+
+
+def test_predict_gives_the_models_own_scores_for_pairs_of_original_ids(fitted):
+    trained, uri, tmp_path = fitted
+    rec = cfae.load(tmp_path / "out")  # the run's output folder works as well as its run id
+    movies = [int(m) for m in trained.datamodule.item_ids[:5]]
+    predicted = rec.predict([USER] * 5, movies)
+    by_scores = rec.scores(USER)[[rec.item_index[m] for m in movies]]
+    np.testing.assert_allclose(predicted, by_scores, rtol=1e-5)
+    assert np.all((predicted >= 1) & (predicted <= 5))
+
+
+def test_unknown_ids_get_the_popular_fallback_or_a_clear_error(fitted):
+    trained, uri, tmp_path = fitted
+    rec = cfae.load(tmp_path / "out" / "recommender")
+    fallback = rec.recommend(99999, 5)
+    ratings = rec.user_ratings()
+    good = (ratings >= 4).sum(axis=0).A1
+    assert [rec.item_index[r.movie_id] for r in fallback] == list(np.argsort(-good, kind="stable")[:5])
+    with pytest.raises(UnknownId, match=r"^movie 4242 is not in the model's data \(80 movies"):
+        rec.predict([USER], [4242])
+    with pytest.raises(UnknownId, match=r"^user 99999 is not in the model's data"):
+        rec.predict([99999], [1])
+
+
+def test_the_command_prints_the_same_list(fitted, capsys):
+    trained, uri, _ = fitted
+    assert recommend.main([f"run={trained.run_id}", f"user={USER}", "k=10", f"uri={uri}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"top 10 for user {USER} (predicted ratings, unrated movies only)"
+    assert [int(line.split()[1]) for line in lines[2:]] == own_ranking(trained, USER, 10)
+
+
+def test_the_command_refuses_bad_arguments_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        recommend.main(["user=7"])
+    expected = "error: give the model as run=<MLflow run id> or path=<folder>, one of the two"
+    assert capsys.readouterr().err.strip() == expected
+
+
+def test_a_checkpoint_rebuilds_its_model_from_its_own_hyperparameters(fitted):
+    trained, _, tmp_path = fitted
+    model = AutoRec.load_from_checkpoint(tmp_path / "out" / "checkpoints" / "best.ckpt", map_location="cpu")
+    assert model.hparams.hidden_size == 16 and model.hparams.n_inputs == trained.datamodule.n_cols
+    for name, tensor in trained.model.state_dict().items():
+        np.testing.assert_array_equal(model.state_dict()[name].numpy(), tensor.cpu().numpy())
