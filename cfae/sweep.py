@@ -40,7 +40,7 @@ from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.samplers import BaseSampler
 from optuna.trial import TrialState
@@ -50,7 +50,7 @@ from cfae.checks import ConfigError, check_config, check_knob, reported_in_one_l
 from cfae.metrics import VAL_RMSE_BEST
 from cfae.processes import this_process
 from cfae.stores import store_lock
-from cfae.tracking import mlflow_client
+from cfae.tracking import git_commit, mlflow_client
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,11 @@ class OptunaSweep(Sweeper):
         client, experiment_id = mlflow_client(self.tracking_uri)
         run = client.create_run(experiment_id, run_name=f"sweep-{self.study_name}",
                                 tags={"cfae.sweep": self.study_name, "optuna.storage": str(self.storage_url),
-                                      "cfae.process": this_process()})
+                                      "cfae.process": this_process(), "mlflow.source.git.commit": git_commit(),
+                                      "mlflow.note.content": f"Optuna sweep {self.study_name}: minimises "
+                                                             f"{OBJECTIVE}; one child run per trial"})
+        # the sweep's base config, as its trials start from it (each child run holds its own resolved values)
+        client.log_text(run.info.run_id, OmegaConf.to_yaml(self.config), "config.yaml")
         return run.info.run_id
 
 
@@ -335,7 +339,7 @@ def _plots(study: optuna.Study, folder: Path) -> list[Path]:
                        ("param_importances", ovm.plot_param_importances),
                        ("parallel_coordinate", ovm.plot_parallel_coordinate)):
         try:
-            ax = plot(study)
+            ax = plot(study, target_name=OBJECTIVE)
         except (ValueError, RuntimeError) as err:  # e.g. importances need two completed trials
             log.warning("no %s plot: %s", name, err)
             continue

@@ -47,7 +47,12 @@ class RunLogger(MLFlowLogger):
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self.pending.append((dict(metrics), step))
+        """Epoch-level metrics are stepped by their epoch (Lightning adds `epoch` to them), so that MLflow's
+        charts read per epoch; `epoch` itself is not kept as a metric."""
+        metrics = dict(metrics)
+        epoch = metrics.pop("epoch", None)
+        if metrics:
+            self.pending.append((metrics, int(epoch) if epoch is not None else step))
         self.flush()
 
     @rank_zero_only
@@ -83,6 +88,10 @@ def mlflow_logger(experiment_name: str = "cfae", run_name: str | None = None, ur
                      artifact_location=artifact_location(uri), log_model=False)
 
 
+# What the MLflow UI reads to decide whether an experiment's page shows its runs or its GenAI traces.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+
+
 def mlflow_client(uri: str | None = None, experiment_name: str = "cfae") -> tuple[MlflowClient, str]:
     """A client on the store, and the id of `experiment_name` there (created, with artifacts beside a
     sqlite store, if it does not exist yet). Processes starting together on a new sqlite store create it
@@ -93,10 +102,13 @@ def mlflow_client(uri: str | None = None, experiment_name: str = "cfae") -> tupl
     with store_lock(uri):
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(experiment_name)
-        if experiment is None:
-            experiment_id = client.create_experiment(experiment_name, artifact_location=artifact_location(uri))
+        if experiment is None:  # a model-training experiment: the UI opens on its runs table
+            experiment_id = client.create_experiment(experiment_name, artifact_location=artifact_location(uri),
+                                                     tags={EXPERIMENT_KIND: "custom_model_development"})
         else:
             experiment_id = experiment.experiment_id
+            if EXPERIMENT_KIND not in experiment.tags:
+                client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, "custom_model_development")
     close_dead_runs(client, experiment_id)
     return client, experiment_id
 

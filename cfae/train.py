@@ -21,6 +21,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from mlflow.entities import Dataset, DatasetInput, InputTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NOTE
 from omegaconf import DictConfig, OmegaConf
 
 from cfae.callbacks import LastCheckpoint, TrialReporting
@@ -128,12 +130,34 @@ def start_run(cfg: DictConfig, datamodule, digest: str):
         tags.update({"optuna.study": sweep.study, "optuna.trial": str(sweep.trial)})
         if sweep.get("parent_run_id"):
             tags["mlflow.parentRunId"] = sweep.parent_run_id
+    split = f"{round(100 * (1 - cfg.data.test_fraction))}:{round(100 * cfg.data.test_fraction)}"
+    tags[MLFLOW_RUN_NOTE] = (f"{name} on {cfg.data.dataset}, {cfg.data.orientation} rows, fold {cfg.data.fold} of "
+                             f"{cfg.data.n_folds} random {split} splits")
     logger = instantiate(cfg.logger, run_name=cfg.logger.run_name or run_name, tags=tags)
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    logger.log_hyperparams(run_params(cfg))
+    logger.log_hyperparams({"model": name})  # beside model/<argument>: which model, in one short column
     logger.log_hyperparams({f"dataset/{k}": v for k, v in datamodule.stats.items()})
     logger.log_hyperparams({"dataset/val_rmse_of_the_mean": round(datamodule.baseline_rmse, 4)})  # the reference
     logger.experiment.set_tag(logger.run_id, "mlflow.source.git.commit", git_commit())
+    # the Dataset column of the runs table: which data, fold and split, and the file's digest
+    dataset = Dataset(name=f"{cfg.data.dataset} fold {cfg.data.fold} {split}", digest=datamodule.stats["sha256"][:8],
+                      source_type="local", source=str(datamodule.stats["file"]))
+    logger.experiment.log_inputs(logger.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
     return logger
+
+
+def run_params(cfg: DictConfig) -> dict:
+    """The resolved config as MLflow params: the values a reader compares runs by, without the nulls (a knob
+    left null is in the model's own arguments), the group choices or the sweep's bookkeeping (in tags)."""
+    def pruned(node):
+        if isinstance(node, dict):
+            return {k: pruned(v) for k, v in node.items() if v is not None and pruned(v) != {}}
+        return node
+
+    params = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("choices", "sweep"):
+        params.pop(key, None)
+    return pruned(params)
 
 
 class Interrupted(Exception):
@@ -262,8 +286,12 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
             ranking = evaluate_ranking(model, datamodule, **cfg.ranking)
             metrics.update({f"test/{k}": v for k, v in (ranking or {}).items()})
         saved = Recommender.from_fit(model, datamodule).save(output_dir / ARTIFACT, best)  # for cfae.load
-    if logger:
-        logger.log_metrics({k: v for k, v in metrics.items() if k != TEST_RMSE})
+    if logger:  # once, at the last epoch; val/rmse_best and test/rmse are already logged where they belong
+        logger.log_metrics({k: v for k, v in metrics.items() if k not in (TEST_RMSE, OBJECTIVE)},
+                           step=metrics[EPOCHS])
+        if not pruned:
+            note = logger.experiment.get_run(logger.run_id).data.tags.get(MLFLOW_RUN_NOTE, "")
+            logger.experiment.set_tag(logger.run_id, MLFLOW_RUN_NOTE, f"{note}: test RMSE {metrics[TEST_RMSE]:.4f}")
         if trial is not None:
             logger.experiment.set_tag(logger.run_id, "optuna.state", "PRUNED" if pruned else "COMPLETE")
         if not pruned:  # the model you can load: weights, constructor arguments, input ratings, ids, titles

@@ -76,8 +76,9 @@ def test_mlflow_nests_one_child_per_trial_under_one_parent_per_sweep(grid_sweep)
     assert "best/hidden" in first_parent.data.params and first_parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(first_parent.info.run_id)}
     plots = {a.path for a in client.list_artifacts(first_parent.info.run_id, "plots")}
-    assert "trials.csv" in artifacts
+    assert {"trials.csv", "config.yaml"} <= artifacts  # the sweep's base config, beside the trials table
     assert {"plots/optimization_history.png", "plots/parallel_coordinate.png"} <= plots
+    assert len(first_parent.data.tags["mlflow.source.git.commit"]) >= 7
 
 
 @pytest.mark.slow

@@ -60,6 +60,24 @@ def test_mlflow_run_carries_metrics_params_and_provenance(trained):
     assert run.data.tags["cfae.machine"] == machine() and " cores, " in machine()
 
 
+
+def test_the_run_reads_well_in_the_mlflow_ui(trained):
+    metrics, client, run, _ = trained
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs table
+    history = client.get_metric_history(run.info.run_id, "val/rmse")
+    assert sorted(h.step for h in history) == [0, 1, 2, 3]  # stepped by epoch
+    best = client.get_metric_history(run.info.run_id, "val/rmse_best")
+    assert sorted(h.step for h in best) == [0, 1, 2, 3]  # no stray point at the end
+    assert "epoch" not in run.data.metrics
+    p = run.data.params
+    assert p["model"] == "autorec" and "None" not in p.values() and not any(k.startswith("sweep/") for k in p)
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "ml1m fold 1 80:20" and dataset.dataset.digest == p["dataset/sha256"][:8]
+    note = run.data.tags["mlflow.note.content"]
+    assert note == f"autorec on ml1m, item rows, fold 1 of 5 random 80:20 splits: test RMSE {metrics['test/rmse']:.4f}"
+
+
 def test_mlflow_run_stores_config_and_best_checkpoint_under_mlruns(trained):
     _, client, run, tmp_path = trained
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
