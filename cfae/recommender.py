@@ -7,7 +7,8 @@ original MovieLens ids, with titles when the release's movie file was there.
 
 A `Recommender` is the model with what it needs to answer: its input ratings (the training and validation
 parts, as the test saw them, in the model's orientation), the original id of each user and movie, and the
-titles. `fit` saves one beside each run's checkpoints (`<output_dir>/recommender/`) and in MLflow.
+titles. `fit` saves one in each run's output folder and MLflow artifacts, inside the run's MLflow pyfunc
+model (`model/artifacts/recommender/`, cfae/serving.py).
 """
 
 from __future__ import annotations
@@ -150,13 +151,16 @@ class Recommender:
         return folder
 
     @classmethod
-    def load_folder(cls, folder: str | Path, map_location: str = "cpu") -> Recommender:
+    def load_folder(cls, folder: str | Path, map_location: str = "cpu", checkpoint: str | Path | None = None
+                    ) -> Recommender:
+        """The saved model of `folder`, with the weights of `checkpoint` instead of its own if given."""
         folder = Path(folder)
         manifest_path = folder / "recommender.json"
         if not manifest_path.is_file():
             raise UsageError(f"{folder}: not a saved cfae model (no recommender.json)")
         manifest = json.loads(manifest_path.read_text())
-        model = get_class(manifest["model"]).load_from_checkpoint(folder / "model.ckpt", map_location=map_location)
+        model = get_class(manifest["model"]).load_from_checkpoint(checkpoint or folder / "model.ckpt",
+                                                                   map_location=map_location)
         with np.load(folder / "data.npz") as d:
             inputs = sp.csr_matrix((d["data"], d["indices"], d["indptr"]), shape=tuple(d["shape"]))
             titles = dict(zip(d["title_ids"].tolist(), d["titles"].tolist()))
@@ -164,16 +168,20 @@ class Recommender:
 
 
 def load(source: str | Path, tracking_uri: str | None = None) -> Recommender:
-    """A saved model from a folder (`<output_dir>/recommender`, or a run's output folder), an MLflow run id,
-    or a `runs:/<run id>[/recommender]` URI (from `tracking_uri`, else $MLFLOW_TRACKING_URI or
+    """A saved model from a folder (`<output_dir>/recommender`, or a run's output folder), a checkpoint of a
+    run (`<output_dir>/checkpoints/*.ckpt`, with its run's saved data), an MLflow run id, or a
+    `runs:/<run id>[/recommender]` URI (from `tracking_uri`, else $MLFLOW_TRACKING_URI or
     sqlite:///mlruns/mlflow.db)."""
     text = str(source)
     path = Path(text)
+    if path.is_file() and path.suffix == ".ckpt":  # <output_dir>/checkpoints/x.ckpt: its run's saved data
+        return Recommender.load_folder(saved_folder(path.resolve().parent.parent), checkpoint=path)
     if path.is_dir():
-        return Recommender.load_folder(path / ARTIFACT if (path / ARTIFACT).is_dir() else path)
-    match = re.fullmatch(r"(?:runs:/)?([0-9a-f]{32})(?:/(.*))?", text)
+        return Recommender.load_folder(saved_folder(path))
+    match = re.fullmatch(r"(?:runs:/)?([0-9a-f]{32})(?:/.*)?|models:/([^/@]+)(?:/(\w+)|@(\w+))", text)
     if not match:
-        raise UsageError(f"{text}: neither a folder nor an MLflow run id or runs:/ URI")
+        raise UsageError(f"{text}: neither a folder, a checkpoint, an MLflow run id nor a runs:/ or models:/ URI")
+    from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -183,7 +191,30 @@ def load(source: str | Path, tracking_uri: str | None = None) -> Recommender:
     uri = store_uri(tracking_uri)
     check_server(uri)
     try:
-        local = MlflowClient(uri).download_artifacts(match[1], match[2] or ARTIFACT)
+        run_id = match[1]
+        if run_id is None:  # models:/<name>/<version>, models:/<name>/latest or models:/<name>@<alias>, in this store
+            client = MlflowClient(uri, registry_uri=uri)
+            name, version, alias = match[2], match[3], match[4]
+            if alias:
+                run_id = client.get_model_version_by_alias(name, alias).run_id
+            elif version == "latest":
+                versions = client.search_model_versions(f"name = '{name}'", order_by=["version_number DESC"])
+                if not versions:
+                    raise UsageError(f"{text}: the registered model {name} has no version in {uri}")
+                run_id = versions[0].run_id
+            else:
+                run_id = client.get_model_version(name, version).run_id
+        # only the recommender's files, not the whole pyfunc model
+        local = download_artifacts(run_id=run_id, artifact_path=f"model/artifacts/{ARTIFACT}", tracking_uri=uri)
     except (MlflowException, OSError) as err:
-        raise UsageError(f"run {match[1]} in {uri}: no saved model ({str(err).splitlines()[0]})") from None
+        raise UsageError(f"{text} in {uri}: no saved model ({str(err).splitlines()[0]})") from None
     return Recommender.load_folder(local)
+
+
+def saved_folder(path: Path) -> Path:
+    """The saved recommender in `path`: itself, a pyfunc model's copy, or a run output folder's."""
+    for folder in (path, path / "artifacts" / ARTIFACT, path / "model" / "artifacts" / ARTIFACT):
+        if (folder / "recommender.json").is_file():
+            return folder
+    raise UsageError(f"{path}: no saved cfae model there (a finished run's output folder has one in "
+                     f"model/artifacts/{ARTIFACT}/)")

@@ -318,6 +318,7 @@ def summarise_study(study: optuna.Study, parent_run_id: str, uri: str | None, st
         for name, value in study.best_params.items():
             client.log_param(parent_run_id, f"best/{name}", value)
         client.set_tag(parent_run_id, "best_trial", study.best_trial.number)
+        register_best(client, study, client.get_run(parent_run_id).info.experiment_id)
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "trials.csv"
         study.trials_dataframe().to_csv(table, index=False)
@@ -325,6 +326,27 @@ def summarise_study(study: optuna.Study, parent_run_id: str, uri: str | None, st
         for path in _plots(study, Path(tmp)):
             client.log_artifact(parent_run_id, str(path), "plots")
     client.set_terminated(parent_run_id, status)
+
+
+def register_best(client, study: optuna.Study, experiment_id: str) -> str | None:
+    """Register the best trial's model as a version of `cfae-<study>` in the model registry (once per run),
+    so that `models:/cfae-<study>/latest` names the sweep's best model; its run id, or None if its run has
+    no model (a sweep without MLflow, or a trial from a sweep that did not save one)."""
+    name = f"cfae-{study.study_name}"
+    runs = client.search_runs([experiment_id], f"tags.`optuna.study` = '{study.study_name}' and tags.`optuna.trial` = "
+                              f"'{study.best_trial.number}' and attributes.status = 'FINISHED'", max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    if not runs or not any(a.path == "model" for a in client.list_artifacts(runs[0].info.run_id)):
+        return None
+    run = runs[0]
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name, description=f"The best trial of the Optuna study {study.study_name} "
+                                                         f"(lowest {OBJECTIVE})")
+    if not client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'"):
+        client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
+                                    tags={"optuna.trial": str(study.best_trial.number),
+                                          OBJECTIVE: str(study.best_value)})
+    return run.info.run_id
 
 
 def _plots(study: optuna.Study, folder: Path) -> list[Path]:

@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import logging
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NOTE
 from omegaconf import DictConfig, OmegaConf
 
+from cfae import serving
 from cfae.callbacks import LastCheckpoint, TrialReporting
 from cfae.checks import ConfigError, UsageError, check_against_data, check_config
 from cfae.configs import register_resolvers, with_model_defaults
@@ -32,6 +34,7 @@ from cfae.metrics import EPOCHS, FIT_SECONDS, TEST_RMSE, VAL_RMSE, VAL_RMSE_BEST
 from cfae.processes import machine
 from cfae.ranking import evaluate_ranking
 from cfae.recommender import ARTIFACT, Recommender
+from cfae.serving import MODEL
 from cfae.studies import job_trial
 from cfae.tracking import config_digest, git_commit, mlflow_client, tracking_uri
 
@@ -285,7 +288,9 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
         if cfg.get("ranking"):  # on the best checkpoint, which trainer.test has loaded into the model
             ranking = evaluate_ranking(model, datamodule, **cfg.ranking)
             metrics.update({f"test/{k}": v for k, v in (ranking or {}).items()})
-        saved = Recommender.from_fit(model, datamodule).save(output_dir / ARTIFACT, best)  # for cfae.load
+        recommender = Recommender.from_fit(model, datamodule)
+        with tempfile.TemporaryDirectory() as tmp:  # copied into the pyfunc model, which cfae.load reads
+            saved = serving.save(recommender, recommender.save(Path(tmp) / ARTIFACT, best), output_dir / MODEL)
     if logger:  # once, at the last epoch; val/rmse_best and test/rmse are already logged where they belong
         logger.log_metrics({k: v for k, v in metrics.items() if k not in (TEST_RMSE, OBJECTIVE)},
                            step=metrics[EPOCHS])
@@ -294,8 +299,8 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
             logger.experiment.set_tag(logger.run_id, MLFLOW_RUN_NOTE, f"{note}: test RMSE {metrics[TEST_RMSE]:.4f}")
         if trial is not None:
             logger.experiment.set_tag(logger.run_id, "optuna.state", "PRUNED" if pruned else "COMPLETE")
-        if not pruned:  # the model you can load: weights, constructor arguments, input ratings, ids, titles
-            logger.experiment.log_artifacts(logger.run_id, str(saved), ARTIFACT)
+        if not pruned:  # the model you can load and serve: weights, arguments, input ratings, ids, titles
+            logger.experiment.log_artifacts(logger.run_id, str(saved), MODEL)
         logger.experiment.log_artifact(logger.run_id, str(output_dir / "config.yaml"))
         if not logger.flush():
             raise RuntimeError("the tracking store still does not take this run's metrics; its checkpoints "

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -58,6 +60,8 @@ def test_a_loaded_run_recommends_k_unrated_movies_in_the_order_of_the_models_own
 def test_predict_gives_the_models_own_scores_for_pairs_of_original_ids(fitted):
     trained, uri, tmp_path = fitted
     rec = cfae.load(tmp_path / "out")  # the run's output folder works as well as its run id
+    by_checkpoint = cfae.load(tmp_path / "out" / "checkpoints" / "best.ckpt")  # and one of its checkpoints
+    assert by_checkpoint.recommend(USER, 5) == rec.recommend(USER, 5)
     movies = [int(m) for m in trained.datamodule.item_ids[:5]]
     predicted = rec.predict([USER] * 5, movies)
     by_scores = rec.scores(USER)[[rec.item_index[m] for m in movies]]
@@ -67,7 +71,7 @@ def test_predict_gives_the_models_own_scores_for_pairs_of_original_ids(fitted):
 
 def test_unknown_ids_get_the_popular_fallback_or_a_clear_error(fitted):
     trained, uri, tmp_path = fitted
-    rec = cfae.load(tmp_path / "out" / "recommender")
+    rec = cfae.load(tmp_path / "out" / "model")  # the run's MLflow pyfunc model folder
     fallback = rec.recommend(99999, 5)
     ratings = rec.user_ratings()
     good = (ratings >= 4).sum(axis=0).A1
@@ -99,3 +103,56 @@ def test_a_checkpoint_rebuilds_its_model_from_its_own_hyperparameters(fitted):
     assert model.hparams.hidden_size == 16 and model.hparams.n_inputs == trained.datamodule.n_cols
     for name, tensor in trained.model.state_dict().items():
         np.testing.assert_array_equal(model.state_dict()[name].numpy(), tensor.cpu().numpy())
+
+
+def test_the_pyfunc_model_answers_top_k_lists_and_pairs_as_the_recommender_does(fitted, monkeypatch):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    trained, uri, _ = fitted
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{trained.run_id}/model")
+    rec = cfae.load(trained.run_id, tracking_uri=uri)
+    top = model.predict(pd.DataFrame({"user_id": [USER]}), params={"k": 5})
+    assert list(top.movie_id) == [r.movie_id for r in rec.recommend(USER, 5)] and list(top["rank"]) == [1, 2, 3, 4, 5]
+    movies = [int(m) for m in trained.datamodule.item_ids[:3]]
+    pairs = model.predict(pd.DataFrame({"user_id": [USER] * 3, "movie_id": movies}))
+    np.testing.assert_allclose(pairs.rating, rec.predict([USER] * 3, movies), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_a_real_http_request_with_the_same_list(fitted):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    trained, uri, tmp_path = fitted
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{trained.run_id}/model",
+                               "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "MLFLOW_TRACKING_URI": uri,  # it starts `uvicorn` from PATH
+                                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+                              cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()[-3000:]
+                time.sleep(0.5)
+        body = json.dumps({"dataframe_records": [{"user_id": USER}], "params": {"k": 10}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
+                                         {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=30).read())["predictions"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert [row["movie_id"] for row in answer] == own_ranking(trained, USER, 10)

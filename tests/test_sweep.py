@@ -81,6 +81,20 @@ def test_mlflow_nests_one_child_per_trial_under_one_parent_per_sweep(grid_sweep)
     assert len(first_parent.data.tags["mlflow.source.git.commit"]) >= 7
 
 
+
+def test_the_best_trial_is_registered_and_loads_by_its_models_uri(grid_sweep):
+    import cfae
+
+    cwd, *_ = grid_sweep
+    client, _ = runs(cwd)
+    (version,) = client.search_model_versions("name = 'cfae-autorec-ml1m-item-fold0'")  # once, though run twice
+    best = study(cwd, "autorec-ml1m-item-fold0").best_trial
+    assert version.tags["optuna.trial"] == str(best.number)
+    assert client.get_run(version.run_id).data.params["hidden"] == str(best.params["hidden"])
+    rec = cfae.load("models:/cfae-autorec-ml1m-item-fold0/latest", tracking_uri=f"sqlite:///{cwd}/mlruns/mlflow.db")
+    assert len(rec.recommend(7, 5)) == 5 and rec.model.hparams.hidden_size == best.params["hidden"]
+
+
 @pytest.mark.slow
 def test_n_trials_is_the_studys_budget_and_a_larger_one_extends_it(data_root, tmp_path):
     args = [*FAST, "model=autorec", "hidden=16", "optimizer.lr=interval(0.001,0.02)",

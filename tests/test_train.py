@@ -81,9 +81,10 @@ def test_the_run_reads_well_in_the_mlflow_ui(trained):
 def test_mlflow_run_stores_config_and_best_checkpoint_under_mlruns(trained):
     _, client, run, tmp_path = trained
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "recommender"} <= artifacts  # the best weights, inside the model cfae.load reads
-    saved = {a.path for a in client.list_artifacts(run.info.run_id, "recommender")}
-    assert saved == {"recommender/model.ckpt", "recommender/data.npz", "recommender/recommender.json"}
+    assert {"config.yaml", "model"} <= artifacts  # the best weights, inside the model cfae.load reads
+    saved = {a.path for a in client.list_artifacts(run.info.run_id, "model/artifacts/recommender")}
+    assert saved == {f"model/artifacts/recommender/{name}" for name in ("model.ckpt", "data.npz", "recommender.json")}
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert run.info.artifact_uri.startswith((tmp_path / "mlruns" / "artifacts").as_uri())
 
 
