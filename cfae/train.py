@@ -322,5 +322,7 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
     log.info("checkpoints: %s", output_dir / "checkpoints")
     if logger:
         uri = tracking_uri(cfg.logger.uri)
-        log.info("MLflow run %s in %s; browse with: mlflow ui --backend-store-uri %s", logger.run_id, uri, uri)
+        log.info("MLflow run %s in %s; browse with: mlflow ui --backend-store-uri %s, then open "
+                 "http://127.0.0.1:5000/#/experiments/%s?workflowType=machine_learning", logger.run_id, uri, uri,
+                 logger.experiment_id)
     return metrics
