@@ -43,7 +43,7 @@ def run(script: str, cwd: Path, data_root: Path, *args: str, **extra: str) -> su
     return subprocess.CompletedProcess(process.args, process.returncode, output, "")
 
 
-def wait_for(condition, timeout_s: float = 120, what: str = "") -> None:
+def wait_for(condition, timeout_s: float = 300, what: str = "") -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
