@@ -18,6 +18,7 @@ import logging
 import math
 import shlex
 import sys
+import textwrap
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -135,14 +136,15 @@ def provenance(records: list[dict], command: str) -> str:
     machines = " / ".join(sorted({r["machine"] for r in records}))
     dates = sorted({r["date"] for r in records})
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
-    studies = " / ".join(sorted({r["command"] for r in records if r["command"]})) or "python -m cfae.study"
-    return f"{when}; {machines}\n{studies}; {command}"
+    studies = "\n".join(sorted({r["command"] for r in records if r["command"]})) or "python -m cfae.study"
+    return f"{when}; {machines}\n{studies}\n{command}"
 
 
 def stamp(fig, text: str) -> None:
-    """The provenance line at the foot of a figure."""
-    fig.text(0.01, 0.01, text, fontsize=6, color="0.35", va="bottom")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    """The provenance lines at the foot of a figure, wrapped to its width."""
+    lines = [wrapped for line in text.split("\n") for wrapped in textwrap.wrap(line, 140, break_on_hyphens=False)]
+    fig.text(0.01, 0.01, "\n".join(lines), fontsize=6, color="0.35", va="bottom")
+    fig.tight_layout(rect=(0, 0.03 + 0.025 * len(lines), 1, 1))
 
 
 def knob_value(key: str) -> float:
@@ -150,7 +152,7 @@ def knob_value(key: str) -> float:
     return float(key.rsplit("=", 1)[1])
 
 
-def knob_figure(records: list[dict], figure: str, xlabel: str, title: str, path: Path, footer: str) -> bool:
+def knob_figure(records: list[dict], figure: str, xlabel: str, title: str, path: Path, command: str) -> bool:
     """Test RMSE against a knob's value (mean and 95% CI over the figure's folds)."""
     points = defaultdict(list)
     for r in records:
@@ -168,13 +170,13 @@ def knob_figure(records: list[dict], figure: str, xlabel: str, title: str, path:
     ax.set(xlabel=xlabel, ylabel="test RMSE (1..5 scale)", title=f"{title}\n(fold{'s' * (len(folds) > 1)} "
            f"{','.join(map(str, folds))})")
     ax.grid(alpha=0.3)
-    stamp(fig, footer)
+    stamp(fig, provenance([r for r in records if r["figure"] == figure], command))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
-def curves_figure(client, arms: list[tuple[str, dict | None]], title: str, path: Path, footer: str) -> bool:
+def curves_figure(client, arms: list[tuple[str, dict | None]], title: str, path: Path, command: str) -> bool:
     """Validation RMSE per epoch of each arm's run, its test RMSE in the legend (not drawn, False, if an
     arm's run is missing)."""
     if any(r is None for _, r in arms):
@@ -190,13 +192,14 @@ def curves_figure(client, arms: list[tuple[str, dict | None]], title: str, path:
     ax.set(xlabel="epoch", ylabel="validation RMSE (1..5 scale)", title=f"{title} (fold {arms[0][1]['fold']})")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    stamp(fig, footer)
+    stamp(fig, provenance([r for _, r in arms], command))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
-def figures(client, records: list[dict], out: Path, footer: str) -> dict[str, bool]:
+def figures(client, records: list[dict], out: Path, command: str) -> dict[str, bool]:
+    """Figures 3-8, each stamped with its own runs' date, machine and commands."""
     # the figures' protocol and first fold: those of the figure runs, else the table's first
     protocol = next((r["protocol"] for r in records if r["figure"]), records[0]["protocol"])
     figure_folds = sorted({r["fold"] for r in records if r["figure"]}) or [0]
@@ -210,20 +213,20 @@ def figures(client, records: list[dict], out: Path, footer: str) -> dict[str, bo
 
     return {
         "fig3_latent_size.png": knob_figure(records, "fig3_latent_size", "latent size",
-                                            "Fig. 3: single hidden layer AE", out / "fig3_latent_size.png", footer),
+                                            "Fig. 3: single hidden layer AE", out / "fig3_latent_size.png", command),
         "fig4_denoising.png": knob_figure(records, "fig4_denoising", "noise (fraction of input ratings dropped)",
-                                          "Fig. 4: denoising AE", out / "fig4_denoising.png", footer),
+                                          "Fig. 4: denoising AE", out / "fig4_denoising.png", command),
         "fig5_deep.png": curves_figure(client, [("AutoRec 500", row_run("autorec")),
                                                 ("deep 300,500,750", row_run("deep"))],
-                                       "Fig. 5: deep vs shallow", out / "fig5_deep.png", footer),
+                                       "Fig. 5: deep vs shallow", out / "fig5_deep.png", command),
         "fig6_refeeding.png": curves_figure(client, [("deep 300,500,750", row_run("deep")),
                                                      ("+ dense re-feeding", figure_run("fig6_refeeding"))],
-                                            "Fig. 6: dense re-feeding", out / "fig6_refeeding.png", footer),
+                                            "Fig. 6: dense re-feeding", out / "fig6_refeeding.png", command),
         "fig7_batch_norm.png": curves_figure(client, [("deep 500,700", figure_run("fig7_batch_norm")),
                                                       ("+ batch norm", row_run("deep_bn"))],
-                                             "Fig. 7: batch normalisation", out / "fig7_batch_norm.png", footer),
+                                             "Fig. 7: batch normalisation", out / "fig7_batch_norm.png", command),
         "fig8_vae.png": curves_figure(client, [("VAE 500,200", row_run("vae")), ("AutoRec 500", row_run("autorec"))],
-                                      "Fig. 8: variational AE", out / "fig8_vae.png", footer),
+                                      "Fig. 8: variational AE", out / "fig8_vae.png", command),
     }
 
 
@@ -238,7 +241,7 @@ def report(study: str = "study", out: str | Path = "reports", uri: str | None = 
     out.mkdir(parents=True, exist_ok=True)
     rows = table(records)
     footer = provenance(records, command)
-    drawn = figures(client, records, out, footer)
+    drawn = figures(client, records, out, command)
     missing = [name for name, ok in drawn.items() if not ok]
     text = markdown(rows, study, footer)
     text += "\n".join(f"![{name}]({name})" for name, ok in drawn.items() if ok) + "\n"

@@ -114,7 +114,7 @@ def test_a_figure_whose_runs_are_missing_is_not_drawn(mini_study, tmp_path):
     src, _, client = mini_study
     records = report.load_runs(client, client.get_experiment_by_name("cfae").experiment_id, "mini")
     rows_only = [r for r in records if not r["figure"]]  # as if the figures' runs had not been run
-    drawn = report.figures(client, rows_only, tmp_path, "a footer")
+    drawn = report.figures(client, rows_only, tmp_path, "python -m cfae.report")
     assert {name for name, ok in drawn.items() if ok} == {"fig5_deep.png", "fig8_vae.png"}  # rows suffice
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["fig5_deep.png", "fig8_vae.png"]
 
