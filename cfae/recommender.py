@@ -72,12 +72,14 @@ class Recommender:
     def _predict_cells(self, users: np.ndarray, items: np.ndarray, chunk: int = 1024) -> np.ndarray:
         """Predicted ratings at (user index, item index) pairs, clipped to the scale as the metric clips them."""
         rows, cols = (users, items) if self.orientation == "user" else (items, users)
-        order = np.lexsort((cols, rows))
+        order = np.lexsort((cols, rows))  # cells sorted by row then column: each chunk of rows is one slice
+        sorted_rows = rows[order]
         out = np.empty(len(rows), dtype=np.float32)
         unique_rows = np.unique(rows)
         for start in range(0, len(unique_rows), chunk):
             batch_rows = unique_rows[start:start + chunk]
-            pick = order[np.isin(rows[order], batch_rows)]  # this chunk's cells, sorted by row then column
+            pick = order[np.searchsorted(sorted_rows, batch_rows[0]):
+                         np.searchsorted(sorted_rows, batch_rows[-1], side="right")]
             position = np.searchsorted(batch_rows, rows[pick])
             crow = np.zeros(len(batch_rows) + 1, dtype=np.int64)
             np.cumsum(np.bincount(position, minlength=len(batch_rows)), out=crow[1:])

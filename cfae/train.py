@@ -153,9 +153,10 @@ def run_params(cfg: DictConfig) -> dict:
     """The resolved config as MLflow params: the values a reader compares runs by, without the nulls (a knob
     left null is in the model's own arguments), the group choices or the sweep's bookkeeping (in tags)."""
     def pruned(node):
-        if isinstance(node, dict):
-            return {k: pruned(v) for k, v in node.items() if v is not None and pruned(v) != {}}
-        return node
+        if not isinstance(node, dict):
+            return node
+        kept = {k: pruned(v) for k, v in node.items() if v is not None}
+        return {k: v for k, v in kept.items() if v != {}}
 
     params = OmegaConf.to_container(cfg, resolve=True)
     for key in ("choices", "sweep"):
