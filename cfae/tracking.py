@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -88,8 +90,29 @@ def mlflow_logger(experiment_name: str = "cfae", run_name: str | None = None, ur
                      artifact_location=artifact_location(uri), log_model=False)
 
 
-# What the MLflow UI reads to decide whether an experiment's page shows its runs or its GenAI traces.
+# What the MLflow UI reads to decide whether an experiment's page shows its runs or its GenAI traces (since
+# 3.15 the sidebar's "GenAI / Model training" switch decides instead; `workflowType` in the URL sets it).
 EXPERIMENT_KIND = "mlflow.experimentKind"
+
+# The runs table's columns as a saved view, listed under "Views" in the MLflow UI. The UI keeps its saved
+# views as experiment tags `mlflow.sharedViewState.<id>` holding {name, createdAt, updatedAt, state}, state
+# being the JSON of the view (what its "Save view" button writes). That is the UI's own format, not an
+# API: tests/test_ui.py opens this view in Chromium and fails if the UI stops reading it.
+RESULTS_VIEW = "cfae-results"
+RESULTS_COLUMNS = ("attributes.`Dataset`", "params.`model`", "params.`model/hidden_size`", "metrics.`val/rmse_best`",
+                   "metrics.`test/rmse`", "metrics.`epochs`", "metrics.`time/fit_s`")
+
+
+def saved_view_tag(name: str, columns: tuple[str, ...]) -> str:
+    now = int(time.time() * 1000)
+    return json.dumps({"name": name, "createdAt": now, "updatedAt": now,
+                       "state": json.dumps({"selectedColumns": list(columns)})})
+
+
+def runs_page(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI's page of an experiment's runs, in the "Model training" view, with cfae's columns."""
+    return (f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={RESULTS_VIEW}"
+            "&workflowType=machine_learning")
 
 
 def mlflow_client(uri: str | None = None, experiment_name: str = "cfae") -> tuple[MlflowClient, str]:
@@ -102,13 +125,16 @@ def mlflow_client(uri: str | None = None, experiment_name: str = "cfae") -> tupl
     with store_lock(uri):
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(experiment_name)
-        if experiment is None:  # a model-training experiment: the UI opens on its runs table
+        ui_tags = {EXPERIMENT_KIND: "custom_model_development",  # a model-training experiment: runs, not traces
+                   f"mlflow.sharedViewState.{RESULTS_VIEW}": saved_view_tag("cfae results", RESULTS_COLUMNS)}
+        if experiment is None:
             experiment_id = client.create_experiment(experiment_name, artifact_location=artifact_location(uri),
-                                                     tags={EXPERIMENT_KIND: "custom_model_development"})
+                                                     tags=ui_tags)
         else:
             experiment_id = experiment.experiment_id
-            if EXPERIMENT_KIND not in experiment.tags:
-                client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, "custom_model_development")
+            for key, value in ui_tags.items():
+                if key not in experiment.tags:
+                    client.set_experiment_tag(experiment_id, key, value)
     close_dead_runs(client, experiment_id)
     return client, experiment_id
 

@@ -36,7 +36,7 @@ from cfae.ranking import evaluate_ranking
 from cfae.recommender import ARTIFACT, Recommender
 from cfae.serving import MODEL
 from cfae.studies import job_trial
-from cfae.tracking import config_digest, git_commit, mlflow_client, tracking_uri
+from cfae.tracking import config_digest, git_commit, mlflow_client, runs_page, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,10 @@ def start_run(cfg: DictConfig, datamodule, digest: str):
     if not cfg.get("logger"):
         return False
     sweep, name = cfg.get("sweep") or {}, model_name(cfg)
-    run_name = f"{name}-{cfg.data.dataset}-{cfg.data.orientation}-fold{cfg.data.fold}"
+    fixed = cfg.data.get("split", "random") != "random"  # GroupLens's split u1..u5, else a random fold
+    split = f"{round(100 * (1 - cfg.data.test_fraction))}:{round(100 * cfg.data.test_fraction)}"
+    part = cfg.data.split if fixed else f"fold{cfg.data.fold}"
+    run_name = f"{name}-{cfg.data.dataset}-{cfg.data.orientation}-{part}"
     tags = {**(cfg.logger.get("tags") or {}), "cfae.model": name, "cfae.config": digest, "cfae.machine": machine()}
     if choice(cfg, "experiment"):  # a row of the study (conf/experiment/)
         tags["cfae.row"] = choice(cfg, "experiment")
@@ -133,9 +136,9 @@ def start_run(cfg: DictConfig, datamodule, digest: str):
         tags.update({"optuna.study": sweep.study, "optuna.trial": str(sweep.trial)})
         if sweep.get("parent_run_id"):
             tags["mlflow.parentRunId"] = sweep.parent_run_id
-    split = f"{round(100 * (1 - cfg.data.test_fraction))}:{round(100 * cfg.data.test_fraction)}"
-    tags[MLFLOW_RUN_NOTE] = (f"{name} on {cfg.data.dataset}, {cfg.data.orientation} rows, fold {cfg.data.fold} of "
-                             f"{cfg.data.n_folds} random {split} splits")
+    tags[MLFLOW_RUN_NOTE] = (f"{name} on {cfg.data.dataset}, {cfg.data.orientation} rows, " +
+                             (f"GroupLens's split {part}" if fixed else
+                              f"fold {cfg.data.fold} of {cfg.data.n_folds} random {split} splits"))
     logger = instantiate(cfg.logger, run_name=cfg.logger.run_name or run_name, tags=tags)
     logger.log_hyperparams(run_params(cfg))
     logger.log_hyperparams({"model": name})  # beside model/<argument>: which model, in one short column
@@ -143,8 +146,8 @@ def start_run(cfg: DictConfig, datamodule, digest: str):
     logger.log_hyperparams({"dataset/val_rmse_of_the_mean": round(datamodule.baseline_rmse, 4)})  # the reference
     logger.experiment.set_tag(logger.run_id, "mlflow.source.git.commit", git_commit())
     # the Dataset column of the runs table: which data, fold and split, and the file's digest
-    dataset = Dataset(name=f"{cfg.data.dataset} fold {cfg.data.fold} {split}", digest=datamodule.stats["sha256"][:8],
-                      source_type="local", source=str(datamodule.stats["file"]))
+    dataset = Dataset(name=f"{cfg.data.dataset} {part if fixed else f'fold {cfg.data.fold} {split}'}",
+                      digest=datamodule.stats["sha256"][:8], source_type="local", source=str(datamodule.stats["file"]))
     logger.experiment.log_inputs(logger.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
     return logger
 
@@ -323,7 +326,6 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
     log.info("checkpoints: %s", output_dir / "checkpoints")
     if logger:
         uri = tracking_uri(cfg.logger.uri)
-        log.info("MLflow run %s in %s; browse with: mlflow ui --backend-store-uri %s, then open "
-                 "http://127.0.0.1:5000/#/experiments/%s?workflowType=machine_learning", logger.run_id, uri, uri,
-                 logger.experiment_id)
+        log.info("MLflow run %s in %s; browse with: mlflow ui --backend-store-uri %s, then open %s",
+                 logger.run_id, uri, uri, runs_page(logger.experiment_id))
     return metrics
