@@ -61,6 +61,9 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("or", lambda value, default: default if value is None else value, replace=True)
     OmegaConf.register_new_resolver("layers", layers, replace=True)
     OmegaConf.register_new_resolver("precision", precision, replace=True)
+    # `${part:${data.split},${data.fold}}`: which part of the data a run holds out, for names: fold0, or u1
+    OmegaConf.register_new_resolver("part", lambda split, fold: f"fold{fold}" if split == "random" else split,
+                                    replace=True)
 
 
 def compose(*overrides: str, config_name: str = "train") -> DictConfig:

@@ -1,4 +1,5 @@
 import hashlib
+import subprocess
 import zipfile
 
 import numpy as np
@@ -501,3 +502,82 @@ def test_baseline_rmse_predicts_the_training_mean_for_the_validation_ratings(tmp
     dm = module(tmp_path, min_item_ratings=1, orientation="user")
     # training mean (1 + 2 + 3) / 3 = 2; validation errors 5 - 2 = 3 and 4 - 2 = 2
     assert dm.baseline_rmse == pytest.approx(np.sqrt((3**2 + 2**2) / 2))
+
+
+MKU_SH = r"""for i in 1 2 3 4 5
+do
+	head -`expr $i \* 20000` u.data | tail -20000 > tmp.$$
+	sort -t"	" -k 1,1n -k 2,2n tmp.$$ > u$i.test
+	head -`expr \( $i - 1 \) \* 20000` u.data > tmp.$$
+	tail -`expr \( 5 - $i \) \* 20000` u.data >> tmp.$$
+	sort -t"	" -k 1,1n -k 2,2n tmp.$$ > u$i.base
+done
+rm -f tmp.$$
+"""  # the split part of GroupLens's ml-100k/mku.sh, verbatim
+
+
+@pytest.fixture(scope="module")
+def u_data(tmp_path_factory):
+    """A synthetic ml-100k/u.data of 100,000 ratings in a random line order, and mku.sh's files cut from it."""
+    folder = tmp_path_factory.mktemp("u") / "ml-100k"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    cells = rng.choice(900 * 400, size=100_000, replace=False)
+    lines = [f"{c // 400 + 1}\t{c % 400 + 1}\t{rng.integers(1, 6)}\t{880000000 + k}\n" for k, c in enumerate(cells)]
+    (folder / "u.data").write_text("".join(lines))
+    recipe = tmp_path_factory.mktemp("mku")
+    (recipe / "u.data").write_text("".join(lines))
+    subprocess.run(["sh", "-c", MKU_SH], cwd=recipe, check=True)
+    return folder, recipe
+
+
+def triples(dm, matrix) -> set[tuple[int, int, float]]:
+    m = matrix.tocoo() if dm.orientation == "user" else matrix.T.tocoo()
+    return set(zip(dm.user_ids[m.row].tolist(), dm.item_ids[m.col].tolist(), m.data.tolist()))
+
+
+@pytest.mark.parametrize("split", ["u1", "u4"])
+@pytest.mark.parametrize("orientation", ["user", "item"])
+def test_grouplens_splits_hold_out_the_lines_mku_sh_cuts(u_data, split, orientation):
+    folder, recipe = u_data
+    dm = MovieLensDataModule("ml100k", root=str(folder.parent), download=False, split=split, min_item_ratings=0,
+                             orientation=orientation)
+    dm.setup()
+    expected = read_ratings(recipe / f"{split}.test", "\t")
+    base = read_ratings(recipe / f"{split}.base", "\t")
+    assert triples(dm, dm.test_matrix) == set(zip(expected.users.tolist(), expected.items.tolist(),
+                                                  expected.ratings.tolist()))
+    train, val = triples(dm, dm.train_matrix), triples(dm, dm.val_matrix)
+    assert train | val == set(zip(base.users.tolist(), base.items.tolist(), base.ratings.tolist()))  # from base only
+    assert not train & val and len(val) == round(0.05 * 80_000)
+
+
+def test_the_releases_own_split_file_is_checked_against_u_data(u_data, tmp_path):
+    folder, recipe = u_data
+    (tmp_path / "ml-100k").mkdir()
+    (tmp_path / "ml-100k" / "u.data").write_bytes((folder / "u.data").read_bytes())
+    (tmp_path / "ml-100k" / "u1.test").write_bytes((recipe / "u1.test").read_bytes())
+    dm = MovieLensDataModule("ml100k", root=str(tmp_path), download=False, split="u1", min_item_ratings=0)
+    dm.setup()  # the release's file agrees
+    lines = (recipe / "u1.test").read_text().splitlines(keepends=True)
+    (tmp_path / "ml-100k" / "u1.test").write_text("".join(lines[1:]))  # one rating missing
+    with pytest.raises(DataError, match=r"u1.test: not the split mku.sh cuts from .*u.data \(1 ratings differ"):
+        MovieLensDataModule("ml100k", root=str(tmp_path), download=False, split="u1", min_item_ratings=0).setup()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dataset": "ml1m", "split": "u1", "min_item_ratings": 0}, "GroupLens's ML-100K splits; data.dataset is ml1m"),
+    ({"dataset": "ml100k", "split": "u1"}, r"data.min_item_ratings=10 would drop some of its test part"),
+    ({"dataset": "ml100k", "split": "u9", "min_item_ratings": 0}, "data.split='u9': expected 'random' or one of u1"),
+])
+def test_bad_grouplens_split_settings_are_refused_in_one_line(kwargs, message):
+    with pytest.raises(DataError, match=message):
+        MovieLensDataModule(download=False, **kwargs)
+
+
+def test_a_grouplens_split_of_a_file_that_is_not_ml100k_is_refused(tmp_path):
+    write_ratings(tmp_path / "ml-100k" / "u.data", planted_ratings(n_users=50, n_items=40, density=0.3), separator="\t")
+    dm = MovieLensDataModule("ml100k", root=str(tmp_path), download=False, split="u1", min_item_ratings=0)
+    with pytest.raises(DataError, match=r"u.data: data.split=u1 is GroupLens's split of ML-100K's 100000 ratings; "
+                                        r"this file has 600"):
+        dm.setup()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -23,7 +24,7 @@ from cfae.data.movielens import (
     read_ratings,
     read_titles,
 )
-from cfae.data.splits import check_split, split_ratings
+from cfae.data.splits import GROUPLENS_SPLITS, check_split, grouplens_test_lines, split_fixed_test, split_ratings
 from cfae.sparse import EvalBatch, SparseRows
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,20 @@ class _RowNumbers(torch.utils.data.Dataset):
 
 
 
+def check_split_file(path: Path, ratings: Ratings, is_test_line: np.ndarray) -> None:
+    """The release's own u<k>.test, where present, must hold exactly the ratings derived from u.data."""
+    if not path.exists():
+        return
+    given = read_ratings(path, "\t")
+    derived = {(u, i, r) for u, i, r in zip(ratings.users[is_test_line].tolist(), ratings.items[is_test_line].tolist(),
+                                            ratings.ratings[is_test_line].tolist())}
+    found = set(zip(given.users.tolist(), given.items.tolist(), given.ratings.tolist()))
+    if found != derived:
+        odd = sorted(found - derived) or sorted(derived - found)
+        raise DataError(f"{path}: not the split mku.sh cuts from {path.with_name('u.data')} "
+                        f"({len(found ^ derived)} ratings differ, e.g. user {odd[0][0]}, item {odd[0][1]})")
+
+
 class MovieLensDataModule(L.LightningDataModule):
     """Sparse MovieLens rows for autoencoders.
 
@@ -93,6 +108,7 @@ class MovieLensDataModule(L.LightningDataModule):
         download: bool = True,
         min_item_ratings: int = 10,  # the study, sec. 4.1
         orientation: str = "item",
+        split: str = "random",  # random: fold `fold` of `n_folds`; u1..u5: GroupLens's ML-100K splits
         fold: int = 0,
         n_folds: int = 5,
         test_fraction: float = 0.2,
@@ -108,12 +124,21 @@ class MovieLensDataModule(L.LightningDataModule):
         if orientation not in ("item", "user"):
             raise DataError(f"data.orientation={orientation!r}: expected 'item' or 'user'")
         check_split(fold, n_folds, test_fraction, val_fraction)  # bad settings fail here, not at setup
+        if split != "random":
+            if split not in GROUPLENS_SPLITS:
+                raise DataError(f"data.split={split!r}: expected 'random' or one of {', '.join(GROUPLENS_SPLITS)}")
+            if dataset != "ml100k":
+                raise DataError(f"data.split={split} is one of GroupLens's ML-100K splits; data.dataset is {dataset}")
+            if min_item_ratings > 1:
+                raise DataError(f"data.split={split} holds every rating of u.data; data.min_item_ratings="
+                                f"{min_item_ratings} would drop some of its test part (set it to 0, as data=ml100k_u1 does)")
         for key, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if not (is_int(size) and size > 0):
                 raise DataError(f"data.{key}={size}: must be a positive integer")
         self.dataset, self.root, self.download = dataset, root, download
         self.min_item_ratings, self.orientation = min_item_ratings, orientation
-        self.fold, self.n_folds, self.test_fraction, self.val_fraction = fold, n_folds, test_fraction, val_fraction
+        self.split, self.fold, self.n_folds = split, fold, n_folds
+        self.test_fraction, self.val_fraction = test_fraction, val_fraction
         self.seed, self.batch_size, self.eval_batch_size = seed, batch_size, eval_batch_size
         if batches_on_device not in ("auto", True, False):
             raise DataError(f"data.batches_on_device={batches_on_device!r}: expected auto, true or false")
@@ -156,7 +181,15 @@ class MovieLensDataModule(L.LightningDataModule):
         m = rm.matrix.tocoo()
         rows, cols = (m.row, m.col) if self.orientation == "user" else (m.col, m.row)
         shape = m.shape if self.orientation == "user" else m.shape[::-1]
-        split = split_ratings(m.nnz, self.fold, self.n_folds, self.test_fraction, self.val_fraction, self.seed)
+        if self.split == "random":
+            split = split_ratings(m.nnz, self.fold, self.n_folds, self.test_fraction, self.val_fraction, self.seed)
+        else:  # the test lines of u.data, found in the matrix by their (user, item) pair
+            is_test_line = grouplens_test_lines(len(ratings.ratings), self.split, source)
+            width = int(ratings.items.max()) + 1
+            in_matrix = rm.user_ids[m.row] * width + rm.item_ids[m.col]
+            is_test = np.isin(in_matrix, ratings.users[is_test_line] * width + ratings.items[is_test_line])
+            check_split_file(Path(source).with_name(f"{self.split}.test"), ratings, is_test_line)
+            split = split_fixed_test(is_test, self.val_fraction, self.seed)
         if not all(len(indices) for indices in split):
             raise DataError(f"{source}: {m.nnz} ratings are too few to split with data.test_fraction="
                             f"{self.test_fraction} and data.val_fraction={self.val_fraction}: train "
