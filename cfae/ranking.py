@@ -27,6 +27,7 @@ from cfae.sparse import SparseRows
 def score_matrix(model, inputs: sp.csr_matrix, chunk: int = 256) -> np.ndarray:
     """(n_rows, n_cols) predicted ratings for every cell, the rows of `inputs` being the model's input."""
     n_rows, n_cols = inputs.shape
+    chunk = n_rows if getattr(model, "whole_matrix", False) else chunk
     model.eval()
     scores = np.empty((n_rows, n_cols), dtype=np.float32)
     for start in range(0, n_rows, chunk):

@@ -76,6 +76,8 @@ class Recommender:
         sorted_rows = rows[order]
         out = np.empty(len(rows), dtype=np.float32)
         unique_rows = np.unique(rows)
+        if getattr(self.model, "whole_matrix", False):  # it reads every row at once
+            unique_rows, chunk = np.arange(self.inputs.shape[0]), self.inputs.shape[0]
         for start in range(0, len(unique_rows), chunk):
             batch_rows = unique_rows[start:start + chunk]
             pick = order[np.searchsorted(sorted_rows, batch_rows[0]):

@@ -137,6 +137,10 @@ MODELS = {  # model: overrides that fit the tiny synthetic set in a few seconds
     "mf": ["hidden=8", "optimizer.lr=0.02", "model.regularization=0.02"],
     "bias": ["optimizer.lr=0.05"],
     "svd": ["hidden=3"],
+    "kernel_autorec": ["hidden=32", "depth=1", "model.lambda_2=1", "model.lambda_s=0.01", "optimizer.max_iter=10",
+                       "data.batch_size=100000", "trainer.max_epochs=10"],  # full batch, as its config has it
+    "glocal_k": ["hidden=32", "depth=1", "model.lambda_2=1", "model.lambda_s=0.01", "optimizer.max_iter=10",
+                 "model.pretrain_epochs=5", "trainer.max_epochs=10"],  # whole matrix: its own batches
 }
 
 

@@ -227,6 +227,10 @@ class MovieLensDataModule(L.LightningDataModule):
     def rating_range(self) -> tuple[float, float]:
         return self.spec.rating_min, self.spec.rating_max
 
+    def whole_matrix(self) -> bool:
+        """Whether the attached model reads the whole matrix in one batch, rows in order (RatingModel)."""
+        return self.trainer is not None and getattr(self.trainer.lightning_module, "whole_matrix", False)
+
     def device(self) -> torch.device:
         """Where training runs: the attached trainer's device, else the CPU."""
         return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
@@ -249,7 +253,8 @@ class MovieLensDataModule(L.LightningDataModule):
         the shuffle. Otherwise the host slices CSR rows, in `num_workers` processes, into pinned memory
         when a GPU is to receive them."""
         generator = torch.Generator().manual_seed(self.seed * 1000 + self.fold)
-        sampler = ShuffledBatches(self.n_rows, self.batch_size, generator)
+        sampler = ([list(range(self.n_rows))] if self.whole_matrix() else
+                   ShuffledBatches(self.n_rows, self.batch_size, generator))
         device = self.device()
         if self.holds_batches_on_device(device):
             return DataLoader(_RowNumbers(self.n_rows), sampler=sampler, batch_size=None)
@@ -275,10 +280,13 @@ class MovieLensDataModule(L.LightningDataModule):
     def _eval_batches(self, inputs: sp.csr_matrix, targets: sp.csr_matrix) -> list[EvalBatch]:
         fallback = sp.csr_matrix((fallback_predictions(inputs, targets), targets.indices, targets.indptr),
                                  shape=targets.shape)
-        rows = np.flatnonzero(np.diff(targets.indptr))  # only rows with held-out ratings need a forward pass
+        if self.whole_matrix():  # every row, in order, at once
+            rows, size = np.arange(targets.shape[0]), targets.shape[0]
+        else:  # only rows with held-out ratings need a forward pass
+            rows, size = np.flatnonzero(np.diff(targets.indptr)), self.eval_batch_size
         batches = []
-        for start in range(0, len(rows), self.eval_batch_size):
-            r = rows[start:start + self.eval_batch_size]
+        for start in range(0, len(rows), size):
+            r = rows[start:start + size]
             batches.append(EvalBatch(SparseRows.from_csr(inputs, r), SparseRows.from_csr(targets, r),
                                      torch.from_numpy(fallback[r].data)))
         return batches

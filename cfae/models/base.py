@@ -67,6 +67,9 @@ class RatingModel(L.LightningModule):
     """Base of every model: input a batch of sparse rows, output dense rows of predicted ratings."""
 
     closed_form = False  # True: fitted once by `solve`, no gradient steps
+    # True: the model reads the whole input matrix at once, rows in order (a convolution over neighbouring
+    # rows): training, evaluation and scoring then give it every row in one batch
+    whole_matrix = False
 
     def __init__(
         self,
@@ -161,13 +164,16 @@ class RatingModel(L.LightningModule):
         self.test_rmse.update(self.predict_held_out(batch), batch.targets.val)
         self.log(TEST_RMSE, self.test_rmse, on_epoch=True, batch_size=len(batch.targets.val))
 
+    def parameter_groups(self) -> list[dict]:
+        """What the optimizer gets: `weight_decay` on weight matrices, none on biases and norm scales."""
+        decay = [p for p in self.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.ndim < 2]
+        return [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise ValueError(f"{type(self).__name__} was built without an optimizer (optimizer=<a partial>)")
-        decay = [p for p in self.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.parameters() if p.ndim < 2]
-        optimizer = self.optimizer_factory(params=[{"params": decay, "weight_decay": self.weight_decay},
-                                                   {"params": no_decay, "weight_decay": 0.0}])
+        optimizer = self.optimizer_factory(params=self.parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = {"scheduler": self.scheduler_factory(optimizer), "monitor": VAL_RMSE, "interval": "epoch"}
