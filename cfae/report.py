@@ -36,16 +36,25 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 log = logging.getLogger("cfae.report")
 
 METRICS = [TEST_RMSE, FIT_SECONDS, EPOCHS, "test/recall_at_10", "test/ndcg_at_10"]
-LABELS = {  # the study's names for its rows (sec. 5), then ours
+LABELS = {  # the study's names for its rows (sec. 5), each beside its design as the study describes it, then ours
     "autorec": "Single hidden layer AE (AutoRec, 500)",
+    "study_autorec": "Single hidden layer AE, as the study describes it",
     "deep": "Deep AE 300,500,750",
+    "study_deep": "Deep AE 300,500,750, as the study describes it",
     "denoising": "Single hidden layer denoising AE",
+    "study_denoising": "Single hidden layer denoising AE, as the study describes it",
     "deep_bn": "Batch-normalised deep AE 500,700",
+    "study_deep_bn": "Batch-normalised deep AE 500,700, as the study describes it",
     "vae": "VAE 500,200",
+    "study_vae": "VAE 500,200, as the study describes it",
     "svd": "SVD, item-mean imputed (the study's baseline)",
     "bias": "Global mean + biases",
     "mf": "Biased MF",
     "autorec_tuned": "AutoRec, tuned on validation",
+    "kernel_autorec": "Kernelised AutoRec (Sparse FC)",
+    "glocal_k": "GLocal-K",
+    "kernel_autorec_u1": "Kernelised AutoRec (Sparse FC), ML-100K setting",
+    "glocal_k_u1": "GLocal-K, ML-100K setting",
     "deep_500_700": "Deep AE 500,700 (no batch norm)",
     "deep_refeed": "Deep AE 300,500,750 + dense re-feeding",
 }

@@ -264,7 +264,7 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
     # `checkpoint_every_s` seconds (LastCheckpoint). Writing both every epoch took longer than an ML-1M epoch.
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor=VAL_RMSE,
                                  mode="min", save_top_k=1, save_weights_only=True, enable_version_counter=False)
-    callbacks = [checkpoint, last, *(build(c) for c in (cfg.get("callbacks") or {}).values())]
+    callbacks = [checkpoint, last, *(build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None)]
     if cfg.get("scheduler") and logger:
         callbacks.append(LearningRateMonitor("epoch"))  # the schedule, epoch by epoch, in MLflow
     reporting = TrialReporting(trial) if trial else None
