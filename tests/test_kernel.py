@@ -4,6 +4,7 @@ import functools
 
 import lightning as L
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 from test_models import random_rows
@@ -120,15 +121,15 @@ class StageRecorder(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):  # after the epoch's validation
         optimizer = trainer.optimizers[0]
-        self.epochs.append((bool(pl_module.fine_tuned), optimizer.param_groups[0]["max_iter"],
-                            trainer.early_stopping_callback.wait_count))
+        stopping = trainer.early_stopping_callback
+        self.epochs.append((bool(pl_module.fine_tuned), optimizer.param_groups[0]["max_iter"], stopping.wait_count,
+                            float(stopping.best_score), float(trainer.callback_metrics["val/rmse"])))
 
 
 def test_glocal_k_pretrains_then_fine_tunes_and_early_stopping_waits_for_the_fine_tuning(data_root, tmp_path):
     from cfae.configs import compose
     from cfae.train import fit
 
-    recorder = StageRecorder()
     cfg = compose("model=glocal_k", "hidden=16", "depth=1", "model.pretrain_epochs=3", "model.finetune_max_iter=4",
                   "model.lambda_2=1", "model.lambda_s=0.01", "optimizer.max_iter=6", "patience=2",
                   "trainer.max_epochs=6", f"data.root={data_root}", "data.download=false", "logger=none",
@@ -137,8 +138,13 @@ def test_glocal_k_pretrains_then_fine_tunes_and_early_stopping_waits_for_the_fin
     trained = fit(cfg)
     recorder = next(c for c in trained.model.trainer.callbacks if isinstance(c, StageRecorder))
     assert len(recorder.epochs) > 3  # early stopping (patience 2) did not end the pre-training
-    for epoch, (fine_tuned, max_iter, waited) in enumerate(recorder.epochs):
+    for epoch, (fine_tuned, max_iter, waited, *_) in enumerate(recorder.epochs):
         assert (fine_tuned, max_iter) == ((False, 6) if epoch < 3 else (True, 4)), recorder.epochs
         assert epoch >= 3 or waited < 2
+    # fine-tuning's first epoch is early stopping's new reference, whatever pre-training reached (the recorder
+    # runs before early stopping's own end-of-epoch check: it sees the reference an epoch late)
+    first_fine_tuning_val, pretraining_best = recorder.epochs[3][4], min(e[4] for e in recorder.epochs[:3])
+    assert recorder.epochs[4][3] == pytest.approx(first_fine_tuning_val, abs=1e-6)
+    assert first_fine_tuning_val != pytest.approx(pretraining_best, abs=1e-6)
     best = GLocalK.load_from_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
     assert best.n_rows == trained.datamodule.n_rows and best.fine_tuned.dtype == torch.bool

@@ -176,11 +176,15 @@ class GLocalK(KernelAutoRec):
             for group in optimizer.param_groups:
                 if "max_iter" in group:
                     group["max_iter"] = self.finetune_max_iter
+            for callback in self.trainer.early_stopping_callbacks:  # fine-tuning is judged on its own curve
+                callback.best_score = torch.tensor(torch.inf if callback.mode == "min" else -torch.inf)
+                callback.wait_count = 0
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         if not self.fine_tuned and self.trainer is not None:
-            # Early stopping waits for the fine-tuning stage. EarlyStopping.wait_count is the callback's
-            # own counter (tests/test_kernel.py fails if it stops meaning that).
+            # Early stopping waits for the fine-tuning stage, then starts afresh with it (above): the
+            # callback's own counter and best score, EarlyStopping.wait_count and .best_score (tests/test_kernel.py
+            # fails if they stop meaning that). The checkpoint tested stays the best validation epoch of either.
             for callback in self.trainer.early_stopping_callbacks:
                 callback.wait_count = 0
