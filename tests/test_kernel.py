@@ -148,3 +148,55 @@ def test_glocal_k_pretrains_then_fine_tunes_and_early_stopping_waits_for_the_fin
     assert first_fine_tuning_val != pytest.approx(pretraining_best, abs=1e-6)
     best = GLocalK.load_from_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
     assert best.n_rows == trained.datamodule.n_rows and best.fine_tuned.dtype == torch.bool
+
+
+def benchmark(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_published_glocal_k_split_is_the_authors_own_loop(data_root):
+    """benchmarks/glocal_k_protocol.py against the authors' load_data_1m, written out as they wrote it."""
+    path = data_root / "ml-1m" / "ratings.dat"
+    train, test = benchmark("glocal_k_protocol").published_split(path)
+    data = np.array([line.split("::")[:3] for line in path.read_text().splitlines()], dtype=np.int32)
+    n_u, n_m, n_r = np.unique(data[:, 0]).size, np.unique(data[:, 1]).size, data.shape[0]
+    udict = {u: i for i, u in enumerate(np.unique(data[:, 0]).tolist())}
+    mdict = {m: i for i, m in enumerate(np.unique(data[:, 1]).tolist())}
+    np.random.seed(1234)
+    idx = np.arange(n_r)
+    np.random.shuffle(idx)
+    train_r, test_r = np.zeros((n_m, n_u), dtype="float32"), np.zeros((n_m, n_u), dtype="float32")
+    for i in range(n_r):
+        u_id, m_id, r = data[idx[i], 0], data[idx[i], 1], data[idx[i], 2]
+        if i < int(0.1 * n_r):
+            test_r[mdict[m_id], udict[u_id]] = r
+        else:
+            train_r[mdict[m_id], udict[u_id]] = r
+    np.testing.assert_array_equal(train.toarray(), train_r)
+    np.testing.assert_array_equal(test.toarray(), test_r)
+
+
+@pytest.mark.slow
+def test_the_protocol_benchmark_prints_both_protocols(data_root, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "glocal_k_protocol.py"), "--ratings",
+                           str(data_root / "ml-1m" / "ratings.dat"), "--pretrain-epochs", "1", "--finetune-epochs", "2",
+                           "hidden=16", "depth=1", "model.pretrain_epochs=1", "trainer.max_epochs=3"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "SELECTED ON THE TEST SET" in done.stdout
+    last = dict(item.split("=") for item in done.stdout.strip().splitlines()[-1].split())
+    assert set(last) == {"published_protocol_test_selected", "published_protocol_last", "cfae_protocol"}
+    assert all(0 < float(v) < 5 for v in last.values())
+    assert float(last["published_protocol_test_selected"]) <= float(last["published_protocol_last"])
