@@ -124,7 +124,8 @@ def main() -> None:
     ours = cfae_protocol([f"data.root={root}", "data.download=false", *args.overrides])
     print(f"cfae protocol (items with >= 10 ratings, fold 0 of the random 90:10 splits, early stopping and the "
           f"checkpoint chosen on validation): {ours:.4f}")
-    print(f"published_protocol_test_selected={selected:.4f} published_protocol_last={last:.4f} cfae_protocol={ours:.4f}")
+    print(f"published_protocol_test_selected={selected:.4f} published_protocol_last={last:.4f} "
+          f"cfae_protocol={ours:.4f}")
 
 
 if __name__ == "__main__":

@@ -107,14 +107,17 @@ ROWS = """(() => {
   return Object.keys(rows).sort((a, b) => a - b).map(k => rows[k]).filter(row => row.id);
 })()"""
 HEADERS = "[...document.querySelectorAll('.ag-header-cell[col-id]')].map(e => e.innerText.trim())"
-CLOSE_ASSISTANT = """(() => { const b = document.querySelector('[data-component-id="mlflow.assistant.chat_panel.close"]');
-  if (b) b.click(); return true; })()"""
+CLOSE_ASSISTANT = """(() => {
+  const b = document.querySelector('[data-component-id="mlflow.assistant.chat_panel.close"]');
+  if (b) b.click();
+  return true; })()"""
 
 
 def expand(prefix: str) -> str:
     """JavaScript that clicks the expand button of the run whose name starts with `prefix`."""
     return f"""(() => {{
-  const link = [...document.querySelectorAll('a[href*="/runs/"]')].find(a => a.textContent.trim().startsWith({json.dumps(prefix)}));
+  const link = [...document.querySelectorAll('a[href*="/runs/"]')]
+    .find(a => a.textContent.trim().startsWith({json.dumps(prefix)}));
   const button = link && link.closest('.ag-cell').querySelector('button');
   if (button) button.click();
   return Boolean(button); }})()"""

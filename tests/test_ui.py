@@ -13,10 +13,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from browser import CLOSE_ASSISTANT, HEADERS, ROWS, Page, chromium, expand
 from mlflow.tracking import MlflowClient
 
 from cfae.tracking import RESULTS_COLUMNS, RESULTS_VIEW, mlflow_client, runs_page
-from browser import CLOSE_ASSISTANT, HEADERS, ROWS, Page, chromium, expand
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["trainer.max_epochs=3", "trainer.enable_progress_bar=false", "data.batch_size=32", "ranking=null"]

@@ -131,7 +131,8 @@ class MovieLensDataModule(L.LightningDataModule):
                 raise DataError(f"data.split={split} is one of GroupLens's ML-100K splits; data.dataset is {dataset}")
             if min_item_ratings > 1:
                 raise DataError(f"data.split={split} holds every rating of u.data; data.min_item_ratings="
-                                f"{min_item_ratings} would drop some of its test part (set it to 0, as data=ml100k_u1 does)")
+                                f"{min_item_ratings} would drop some of its test part (set it to 0, as "
+                                "data=ml100k_u1 does)")
         for key, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if not (is_int(size) and size > 0):
                 raise DataError(f"data.{key}={size}: must be a positive integer")

@@ -7,4 +7,5 @@ from cfae.models.deep import DeepAutoencoder
 from cfae.models.kernel import GLocalK, KernelAutoRec
 from cfae.models.vae import VAE
 
-__all__ = ["VAE", "AutoRec", "DeepAutoencoder", "GLocalK", "ImputedSVD", "KernelAutoRec", "MatrixFactorization", "RatingModel"]
+__all__ = ["VAE", "AutoRec", "DeepAutoencoder", "GLocalK", "ImputedSVD", "KernelAutoRec", "MatrixFactorization",
+           "RatingModel"]
