@@ -30,6 +30,7 @@ import torch
 from cfae.configs import compose
 from cfae.data.movielens import build_matrix, read_ratings
 from cfae.models import GLocalK
+from cfae.models.kernel import lbfgs_step
 from cfae.processes import keep_freed_memory, machine
 from cfae.sparse import SparseRows
 
@@ -66,14 +67,7 @@ def rmse(model: GLocalK, x: SparseRows, test: sp.csr_matrix) -> float:
 def lbfgs_epoch(model: GLocalK, x: SparseRows, max_iter: int) -> None:
     optimizer = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=max_iter, history_size=10,
                                   line_search_fn="strong_wolfe")  # fresh each epoch, as scipy's restarts
-
-    def closure():
-        optimizer.zero_grad()
-        loss = model.training_loss(x)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
+    lbfgs_step(model, x, optimizer)
 
 
 def published_protocol(ratings_path: Path, pretrain_epochs: int, finetune_epochs: int) -> tuple[float, int, float]:
