@@ -1,3 +1,5 @@
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,3 +29,18 @@ def no_network(monkeypatch):
 
     real_urlopen = urllib.request.urlopen
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+@pytest.fixture
+def benchmark():
+    """The module of a script in benchmarks/, by name: `benchmark("time_to_accuracy").main`."""
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # importable by name, as Hydra's `_target_` finds a benchmark's callback
+        spec.loader.exec_module(module)
+        return module
+
+    return load

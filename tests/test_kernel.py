@@ -143,18 +143,7 @@ def test_glocal_k_pretrains_then_fine_tunes_and_early_stopping_waits_for_the_fin
     assert best.n_rows == trained.datamodule.n_rows and best.fine_tuned.dtype == torch.bool
 
 
-def benchmark(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_published_glocal_k_split_is_the_authors_own_loop(data_root):
+def test_the_published_glocal_k_split_is_the_authors_own_loop(data_root, benchmark):
     """benchmarks/glocal_k_protocol.py against the authors' load_data_1m, written out as they wrote it."""
     path = data_root / "ml-1m" / "ratings.dat"
     train, test = benchmark("glocal_k_protocol").published_split(path)

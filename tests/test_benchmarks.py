@@ -1,0 +1,60 @@
+"""The benchmark scripts measure what they say: benchmarks/time_to_accuracy.py."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_time_to_a_level_is_the_first_epoch_at_or_below_it(benchmark):
+    Result = benchmark("time_to_accuracy").Result
+    r = Result(fit_s=9.0, rmse=0.86, curve=[(1.0, 0.95), (2.0, 0.87), (3.0, 0.88), (4.0, 0.85)])
+    assert r.seconds_to(0.87) == 2.0 and r.seconds_to(0.88) == 2.0 and r.seconds_to(0.85) == 4.0
+    assert r.seconds_to(0.84) == math.inf
+    peer = Result(fit_s=5.0, rmse=0.874)  # no curve: the level is reached when the fit ends, or never
+    assert peer.seconds_to(0.8725) == math.inf and peer.seconds_to(0.9) == 5.0
+
+
+def test_the_test_curve_is_the_test_rmse_of_each_epochs_weights(benchmark, data_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("CFAE_DATA_DIR", str(data_root))
+    monkeypatch.chdir(tmp_path)
+    tta = benchmark("time_to_accuracy")
+    one = tta.cfae_arm(["hidden=16", "data.batch_size=32", "trainer.max_epochs=1"], tmp_path, seed=0)
+    assert len(one.curve) == 1 and one.curve[0][1] == pytest.approx(one.rmse, abs=1e-6)  # its only epoch is its best
+    three = tta.cfae_arm(["hidden=16", "data.batch_size=32", "trainer.max_epochs=3"], tmp_path, seed=0)
+    seconds = [s for s, _ in three.curve]
+    assert len(seconds) == 3 and 0 < seconds[0] < seconds[1] < seconds[2] <= three.fit_s
+    assert three.curve[0][1] == pytest.approx(one.rmse, abs=1e-6)  # same seed: the same first epoch
+    assert any(r == pytest.approx(three.rmse, abs=1e-6) for _, r in three.curve)  # the best validation epoch's
+
+
+def test_surprise_sees_the_same_training_and_test_ratings_as_cfae(benchmark, data_root, monkeypatch):
+    pytest.importorskip("surprise")
+    monkeypatch.setenv("CFAE_DATA_DIR", str(data_root))
+    train_val, test, dm = benchmark("time_to_accuracy").surprise_data(["data.fold=1"])
+    assert dm.fold == 1
+    assert train_val.n_ratings == dm.train_val_matrix.nnz and len(test) == dm.test_matrix.nnz
+    cells = {(train_val.to_raw_uid(u), train_val.to_raw_iid(i)) for u, i, _ in train_val.all_ratings()}
+    held_out = {(u, i) for u, i, _ in test}
+    assert cells == set(zip(*dm.train_val_matrix.nonzero())) and not cells & held_out
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_prints_every_arm_and_the_ratio(data_root, tmp_path):
+    pytest.importorskip("surprise")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "time_to_accuracy.py"), "--repeats", "2",
+                           "--arms", "surprise_default,cfae_default", "--overrides",
+                           "hidden=16 data.batch_size=32 trainer.max_epochs=3"],
+                          cwd=tmp_path, env={**os.environ, "CFAE_DATA_DIR": str(data_root)},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert sum(line.startswith("repeat ") for line in lines) == 4
+    last = dict(item.split("=") for item in lines[-1].split())
+    assert set(last) == {"s_to_surprise_default", "surprise_default_fit_s", "ratio"}
+    assert float(last["surprise_default_fit_s"]) > 0
