@@ -21,8 +21,8 @@ def test_a_model_config_names_every_constructor_argument_so_each_can_be_overridd
     expected = set(constructor_defaults(cls)) - HANDED_OVER
     if cls.output_layer is RatingModel.output_layer:  # not an autoencoder: no output layer to sample
         expected.discard("sampled_output")
-    if cls.closed_form:  # no optimizer, so no weight decay
-        expected.discard("weight_decay")
+    if cls.closed_form:  # no optimizer, so no weight decay, and no training to start
+        expected -= {"weight_decay", "start_at_mean"}
     assert expected <= set(model), f"conf/model/{name}.yaml lacks {sorted(expected - set(model))}"
 
 

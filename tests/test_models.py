@@ -7,7 +7,7 @@ import scipy.sparse as sp
 import torch
 
 from cfae.data import MovieLensDataModule
-from cfae.models import VAE, AutoRec, DeepAutoencoder
+from cfae.models import VAE, AutoRec, DeepAutoencoder, MatrixFactorization
 from cfae.models.base import masked_mse
 from cfae.sparse import SampledLinear, SparseLinear, SparseRows, SparseRowsTimesDense
 
@@ -180,3 +180,53 @@ def test_plateau_scheduler_cuts_the_learning_rate_when_validation_stalls(data_ro
         trainer.fit(model, datamodule=dm)  # no weight decay, lr 0.02: validation stalls within 15 epochs
         final_lr[name] = trainer.optimizers[0].param_groups[0]["lr"]
     assert final_lr["none"] == 0.02 and final_lr["plateau"] <= 0.01
+
+
+@pytest.mark.parametrize("make", [
+    lambda n, **kw: AutoRec(n_inputs=n, hidden_size=8, **kw),
+    lambda n, **kw: DeepAutoencoder(n_inputs=n, layer_sizes=[8, 4], **kw),
+    lambda n, **kw: VAE(n_inputs=n, layer_sizes=[8, 4], **kw),
+    lambda n, **kw: MatrixFactorization(n_inputs=n, n_rows=200, n_factors=4, **kw),
+], ids=["autorec", "deep", "vae", "mf"])
+def test_a_model_starts_at_the_training_ratings_mean_unless_resumed(make, data_root, tmp_path):
+    dm = MovieLensDataModule(root=str(data_root), download=False, batch_size=16)
+    dm.setup()
+    mean = float(dm.train_matrix.data.mean())
+    started = make(dm.n_cols, optimizer=torch.optim.Adam)
+    L.Trainer(**unfit_args()).fit(started, datamodule=dm)  # setup, no step
+    x = SparseRows.from_csr(dm.train_matrix, np.arange(dm.n_rows))
+    with torch.no_grad():
+        started.eval()
+        predictions = started(x)
+    assert abs(float(predictions.mean()) - mean) < 0.2 and abs(mean - 3.0) > 0.3  # not the scale's middle
+    bias = started.mean if isinstance(started, MatrixFactorization) else started.output_layer()[1]
+    assert torch.all(bias == mean)
+    untouched = make(dm.n_cols, optimizer=torch.optim.Adam, start_at_mean=False)
+    L.Trainer(**unfit_args()).fit(untouched, datamodule=dm)
+    assert not torch.any((untouched.mean if isinstance(untouched, MatrixFactorization)
+                          else untouched.output_layer()[1]) == mean)
+    with torch.no_grad():  # a resumed fit keeps the checkpoint's weights
+        bias.fill_(7.0)
+    trainer = L.Trainer(**unfit_args())
+    trainer.strategy.connect(started)
+    trainer.save_checkpoint(tmp_path / "state.ckpt")
+    resumed = make(dm.n_cols, optimizer=torch.optim.Adam)
+    L.Trainer(**unfit_args(max_epochs=2)).fit(resumed, datamodule=dm, ckpt_path=tmp_path / "state.ckpt")
+    assert torch.all((resumed.mean if isinstance(resumed, MatrixFactorization) else resumed.output_layer()[1]) == 7.0)
+
+
+def unfit_args(max_epochs: int = 1) -> dict:
+    return dict(max_epochs=max_epochs, limit_train_batches=0, limit_val_batches=0, logger=False,
+                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+def test_starting_at_the_mean_learns_faster(data_root):
+    dm = MovieLensDataModule(root=str(data_root), download=False, batch_size=16)
+    dm.setup()
+    rmse = {}
+    for start in (True, False):
+        L.seed_everything(0)
+        model = AutoRec(n_inputs=dm.n_cols, hidden_size=64, weight_decay=1e-3, start_at_mean=start,
+                        optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
+        rmse[start] = fit(model, dm, epochs=2)
+    assert rmse[True] < 0.8 * rmse[False], rmse

@@ -80,6 +80,7 @@ class RatingModel(L.LightningModule):
         rating_min: float = 1.0,
         rating_max: float = 5.0,
         sampled_output: str | bool = "auto",  # outputs only at the cells needed (true), whole rows (false)
+        start_at_mean: bool = True,  # the first predictions are the training ratings' mean (`start_at`)
     ):
         super().__init__()
         # Every constructor argument (subclasses' too) into the checkpoint, so that `Model.load_from_checkpoint`
@@ -87,7 +88,7 @@ class RatingModel(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
         if sampled_output not in ("auto", True, False):
             raise ValueError(f"sampled_output={sampled_output!r}: expected auto, true or false")
-        self.weight_decay, self.sampled_output = weight_decay, sampled_output
+        self.weight_decay, self.sampled_output, self.start_at_mean = weight_decay, sampled_output, start_at_mean
         self.output_function: nn.Module = nn.Identity()  # f in r_hat = f(V h + c); models may set their own
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.val_rmse = MaskedRMSE(rating_min, rating_max)
@@ -148,6 +149,21 @@ class RatingModel(L.LightningModule):
         """(targets nnz,) predictions for the held-out ratings, the fallback where the model has none."""
         pred = self.predict_at(batch.inputs, batch.targets)
         return torch.where(batch.fallback.isnan(), pred, batch.fallback)
+
+    def setup(self, stage: str) -> None:
+        # Lightning calls this before a resumed fit restores its weights, which then replace these
+        if stage == "fit" and self.start_at_mean and self.trainer.datamodule is not None:
+            self.start_at(float(self.trainer.datamodule.train_matrix.data.mean()))
+
+    @torch.no_grad()
+    def start_at(self, mean: float) -> None:
+        """Make the untrained model predict about `mean` everywhere: the output layer's bias, where the output
+        is the identity. Otherwise the first epochs go to moving predictions from around 0 to the ratings'
+        level, and the hidden units saturate meanwhile: on ML-1M fold 0 AutoRec then needs 17 epochs to a
+        validation RMSE of 0.88 and 36 to 0.85, against 4 and 9 from the mean (and 0.8395 at its best
+        against 0.8404)."""
+        if isinstance(self.output_function, nn.Identity):
+            self.output_layer()[1].fill_(mean)
 
     def on_train_start(self) -> None:
         self.val_rmse_best.reset()  # forget the sanity check's value

@@ -41,6 +41,10 @@ class MatrixFactorization(RatingModel):
         self.row_factors = nn.Parameter(torch.randn(n_rows, n_factors) * init_std)  # p
         self.col_factors = nn.Parameter(torch.randn(n_inputs, n_factors) * init_std)  # q
 
+    @torch.no_grad()
+    def start_at(self, mean: float) -> None:
+        self.mean.fill_(mean)
+
     def forward(self, x: SparseRows) -> Tensor:
         """Dense predictions for the rows of `x` (only their ids are used)."""
         p = self.row_factors[x.rows]  # (batch, factors)

@@ -86,9 +86,10 @@ class KernelAutoRec(RatingModel):
         lambda_2: float = 70.0,  # L2 on W
         lambda_s: float = 0.013,  # L2 on the kernel K: pushes embeddings apart, weights to exact zeros
         hidden_activation: str = "sigmoid",
+        start_at_mean: bool = False,  # the authors' initialisation: every bias Glorot-uniform
         **base,
     ):
-        super().__init__(n_inputs=n_inputs, **base)
+        super().__init__(n_inputs=n_inputs, start_at_mean=start_at_mean, **base)
         if self.weight_decay:
             raise ValueError(f"weight_decay={self.weight_decay}: a kernelised AutoRec has its own L2 (lambda_2)")
         if n_layers < 1:
