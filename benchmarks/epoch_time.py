@@ -10,7 +10,8 @@ cfae runs at its default precision (`conf/trainer/default.yaml`: bf16 mixed prec
 tiles, else float32). Two more references show where the gap comes from: the dense loop with fused Adam,
 and with fused Adam under bf16 autocast (cfae's optimizer and precision). Reported: the median
 epoch after one warm-up epoch. The last line starts with AutoRec's
-`cfae_s_per_epoch=X dense_s_per_epoch=Y ratio=X/Y`, then the same ratios for the other models.
+`cfae_s_per_epoch=X dense_s_per_epoch=Y ratio=X/Y`, then the same ratios for the other models, then
+`autorec_floor_s=F autorec_over_floor=X/F`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
 import os
 import statistics
 import time
+from datetime import date
 from pathlib import Path
 
 import lightning as L
@@ -31,7 +34,7 @@ from cfae.callbacks import EpochTimer
 from cfae.configs import precision
 from cfae.data import MovieLensDataModule
 from cfae.models import VAE, AutoRec, DeepAutoencoder
-from cfae.processes import keep_freed_memory
+from cfae.processes import keep_freed_memory, machine, timings
 
 HIDDEN = 500
 
@@ -59,6 +62,37 @@ def reference(name: str, n_cols: int) -> tuple[nn.Module, callable]:
         return (((out - x) ** 2 * m).sum() / 2 + 0.2 * kl) / m.sum()
 
     return net, loss
+
+
+def machine_rates(dtype: torch.dtype) -> tuple[float, float]:
+    """(matrix-multiply FLOP/s in `dtype`, memory bytes/s) of this process: the best of a few products of
+    the sizes an epoch multiplies, and a copy of 256 MB (read + write)."""
+    def best(f) -> float:
+        return min(timings(f, repeats=5))
+
+    rate = 0.0
+    for m, k, n in [(256, HIDDEN, 6040), (2048, 2048, 2048)]:
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        rate = max(rate, 2 * m * k * n / best(functools.partial(torch.mm, a, b)))
+    src, dst = torch.empty(64 * 2**20), torch.empty(64 * 2**20)
+    return rate, 2 * src.numel() * 4 / best(functools.partial(dst.copy_, src))
+
+
+def autorec_floor(n_rows: int, n_cols: int, nnz: int, batch_size: int, rate: float, bandwidth: float) -> dict:
+    """Seconds an AutoRec epoch (item rows, HIDDEN units, Adam) cannot beat, per way of computing the output.
+    FLOPs: the sparse encoder 2 T H forward and 2 T H for its weight's gradient, T the ratings; the output
+    6 R N H dense (forward, two backward products) or 6 T H sampled. Bytes: Adam reads p, g, m, v and writes
+    p, m, v of every parameter each step; the output weight (N x H) is read three times a batch (dense) or
+    one row per rating three times (sampled)."""
+    steps, params = math.ceil(n_rows / batch_size), 2 * n_cols * HIDDEN + n_cols + HIDDEN
+    adam_bytes = steps * 7 * 4 * params
+    floors = {}
+    for kind, flops, weight_bytes in [("dense", 6 * n_rows * n_cols * HIDDEN, steps * 3 * 4 * n_cols * HIDDEN),
+                                      ("sampled", 6 * nnz * HIDDEN, 3 * 4 * nnz * HIDDEN)]:
+        flops += 4 * nnz * HIDDEN
+        moved = adam_bytes + weight_bytes
+        floors[kind] = (max(flops / rate, moved / bandwidth), flops, moved)
+    return floors
 
 
 def dense_epochs(name: str, matrix, epochs: int, fused: bool, bf16: bool = False, batch_size: int = 256) -> list[float]:
@@ -115,7 +149,11 @@ def main() -> None:
     dm.setup()
     print(f"ml1m: {dm.train_matrix.shape[0]} item rows x {dm.n_cols} users, {dm.train_matrix.nnz} training "
           f"ratings; torch {torch.__version__}, {torch.get_num_threads()} threads; cfae precision {args.precision}")
-    figures = []
+    dtype = torch.bfloat16 if args.precision.startswith("bf16") else torch.float32  # what cfae multiplies in
+    rate, bandwidth = machine_rates(dtype)
+    print(f"{machine()}, {date.today()}: {dtype} matrix multiply {rate / 1e9:.0f} GFLOP/s, memory "
+          f"{bandwidth / 1e9:.1f} GB/s")
+    figures, floor_figure = [], ""
     for name in args.models.split(","):
         torch.manual_seed(0)
         dense = functools.partial(dense_epochs, name, dm.train_matrix, args.epochs, batch_size=args.batch_size)
@@ -125,13 +163,21 @@ def main() -> None:
         medians = {k: statistics.median(v[1:]) for k, v in runs.items()}
         for kind, times in runs.items():
             print(f"{name:>8} {kind:>16}: " + " ".join(f"{t:.3f}" for t in times) + " s per epoch")
+        if name == "autorec":
+            floors = autorec_floor(dm.train_matrix.shape[0], dm.n_cols, dm.train_matrix.nnz, args.batch_size,
+                                   rate, bandwidth)
+            for kind, (seconds, flops, moved) in floors.items():
+                print(f"autorec floor, {kind} output: {seconds:.3f} s ({flops / 1e9:.1f} GFLOP, {moved / 1e9:.2f} GB)")
+            floor = min(seconds for seconds, _, _ in floors.values())
+            print(f"autorec: cfae's epoch {medians['cfae']:.3f} s = {medians['cfae'] / floor:.2f} x the floor")
+            floor_figure = f" autorec_floor_s={floor:.3f} autorec_over_floor={medians['cfae'] / floor:.2f}"
         prefix = "" if name == "autorec" else f"{name}_"
         figures.append(f"{prefix}cfae_s_per_epoch={medians['cfae']:.3f} {prefix}dense_s_per_epoch="
                        f"{medians['dense']:.3f} {prefix}ratio={medians['cfae'] / medians['dense']:.3f}")
         print(f"{name:>8}: cfae / dense {medians['cfae'] / medians['dense']:.3f}, "
               f"cfae / dense with fused Adam {medians['cfae'] / medians['dense+fused']:.3f}, "
               f"cfae / dense with fused Adam and bf16 {medians['cfae'] / medians['dense+fused+bf16']:.3f}")
-    print(" ".join(figures))
+    print(" ".join(figures) + floor_figure)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-from cfae.processes import keep_freed_memory
+from cfae.processes import keep_freed_memory, timings
 from cfae.sparse import SparseRows, column_sums
 
 SHAPES = {"ml1m": (6_040, 233), "ml20m": (138_493, 568)}  # columns, ratings per row
@@ -38,13 +37,7 @@ def batch(n_cols: int, per_row: int, generator: torch.Generator) -> SparseRows:
 
 
 def median_ms(f, repeats: int) -> float:
-    f()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(timings(f, repeats))
 
 
 def measure(name: str, x: SparseRows, generator: torch.Generator, repeats: int) -> dict[str, float]:

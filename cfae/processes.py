@@ -82,3 +82,16 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{cpu}, {cores} cores, {gpu}"
+
+
+def timings(f, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of f, after one call to warm up: what the benchmarks report."""
+    import time
+
+    f()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - start)
+    return times

@@ -58,3 +58,15 @@ def test_time_to_accuracy_prints_every_arm_and_the_ratio(data_root, tmp_path):
     last = dict(item.split("=") for item in lines[-1].split())
     assert set(last) == {"s_to_surprise_default", "surprise_default_fit_s", "ratio"}
     assert float(last["surprise_default_fit_s"]) > 0
+
+
+def test_the_autorec_floor_counts_each_product_and_adam_step(benchmark):
+    epoch_time = benchmark("epoch_time")
+    h = epoch_time.HIDDEN
+    floors = epoch_time.autorec_floor(n_rows=10, n_cols=20, nnz=30, batch_size=4, rate=1e9, bandwidth=1e8)
+    params = 20 * h + h + h * 20 + 20  # encoder W, b; decoder V, c
+    adam = 3 * 7 * 4 * params  # 3 steps (batches of 4, 4, 2 rows)
+    assert floors["dense"][1:] == (6 * 10 * 20 * h + 4 * 30 * h, adam + 3 * 3 * 4 * 20 * h)
+    assert floors["sampled"][1:] == (6 * 30 * h + 4 * 30 * h, adam + 3 * 4 * 30 * h)
+    for seconds, flops, moved in floors.values():
+        assert seconds == max(flops / 1e9, moved / 1e8)
