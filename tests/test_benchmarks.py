@@ -70,3 +70,18 @@ def test_the_autorec_floor_counts_each_product_and_adam_step(benchmark):
     assert floors["sampled"][1:] == (6 * 30 * h + 4 * 30 * h, adam + 3 * 4 * 30 * h)
     for seconds, flops, moved in floors.values():
         assert seconds == max(flops / 1e9, moved / 1e8)
+
+
+@pytest.mark.slow
+def test_seed_spread_runs_each_seed_and_prints_the_spread(data_root, tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seed_spread.py"), "--seeds", "2", "hidden=16",
+                           "data.batch_size=32", "trainer.max_epochs=2"],
+                          cwd=tmp_path, env={**os.environ, "CFAE_DATA_DIR": str(data_root)},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    tests = [float(line.split("test RMSE ")[1].split(",")[0]) for line in lines if line.startswith("seed ")]
+    assert len(tests) == 2 and tests[0] != tests[1]  # two seeds, two different runs
+    last = dict(item.split("=") for item in lines[-1].split())
+    assert float(last["mean"]) == pytest.approx(sum(tests) / 2, abs=1e-4)
+    assert float(last["worst_minus_mean"]) == pytest.approx(max(tests) - sum(tests) / 2, abs=2e-4)

@@ -1,0 +1,53 @@
+"""How much one run's result depends on its seed: the same `train.py` run under several seeds.
+
+    CFAE_DATA_DIR=../shared/data python benchmarks/seed_spread.py model=deep_refeed [--seeds 5]
+
+Each seed is `python train.py <overrides> seed=<k>` run in this process, into a throwaway MLflow store. It
+prints each seed's test RMSE, validation RMSE and epochs, then their mean and standard deviation, and last
+`mean=<m> std=<s> worst_minus_mean=<w>`: a run that collapsed shows as a worst seed far above the mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+from cfae.configs import compose
+from cfae.console import quiet_libraries
+from cfae.processes import keep_freed_memory, machine
+from cfae.train import train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="train.py overrides, e.g. model=deep_refeed")
+    parser.add_argument("--seeds", type=int, default=5)
+    args = parser.parse_args()
+    quiet_libraries()
+    for name in ("cfae", "mlflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    os.environ.setdefault("CFAE_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    keep_freed_memory()
+    print(f"{machine()}, {date.today()}: train.py {' '.join(args.overrides)}, seeds 0-{args.seeds - 1}", flush=True)
+    tests = []
+    with tempfile.TemporaryDirectory() as store:
+        for seed in range(args.seeds):
+            cfg = compose(*args.overrides, f"seed={seed}", "trainer.enable_progress_bar=false", "ranking=null",
+                          f"logger.uri=sqlite:///{store}/mlflow.db", f"output_dir={store}/run-{time.time_ns()}")
+            m = train(cfg)
+            tests.append(m["test/rmse"])
+            print(f"seed {seed}: test RMSE {m['test/rmse']:.4f}, val/rmse_best {m['val/rmse_best']:.4f}, "
+                  f"{m['epochs']} epochs, {m['time/fit_s']:.1f} s", flush=True)
+    mean, std = statistics.mean(tests), statistics.stdev(tests) if len(tests) > 1 else 0.0
+    print(f"mean={mean:.4f} std={std:.4f} worst_minus_mean={max(tests) - mean:.4f}")
+
+
+if __name__ == "__main__":
+    main()
