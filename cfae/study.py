@@ -3,6 +3,7 @@
     python -m cfae.study                                   # conf/study.yaml on ML-1M
     python -m cfae.study --name quick data=ml100k trainer.max_epochs=2 --folds 0,1
     python -m cfae.study --dry-run                         # list the runs and what is already done
+    python -m cfae.study --config conf/study_kernels.yaml --only 'kernel_autorec/90-10/*'   # some runs only
 
 Each run is what `python train.py +experiment=<row> data.fold=<k> <overrides>` would do, run in this
 process, and becomes an MLflow run tagged `cfae.study=<name>`, `cfae.key=<what it is>` (for example
@@ -16,6 +17,7 @@ study goes on. `python -m cfae.report` renders it.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import logging
 import shlex
 import sys
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(CONF / "study.yaml"), help="the study's plan")
     parser.add_argument("--name", help="the study's name in MLflow (default: the plan's)")
     parser.add_argument("--folds", help="comma-separated folds (default: the plan's)")
+    parser.add_argument("--only", help="comma-separated patterns of run keys, e.g. 'kernel_autorec/90-10/*'")
     parser.add_argument("--output-dir", default="outputs/study", help="checkpoints and configs, per run")
     parser.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
     args = parser.parse_args(argv)
@@ -106,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     study = OmegaConf.load(args.config)
     name = args.name or study.name
     runs = plan(study, [int(f) for f in args.folds.split(",")] if args.folds else None)
+    if args.only:
+        patterns = args.only.split(",")
+        runs = [r for r in runs if any(fnmatch.fnmatchcase(r.key, p) for p in patterns)]
+        if not runs:
+            parser.error(f"--only {args.only}: no run of {args.config} has a key like that")
     command = shlex.join(["python", "-m", "cfae.study", *(argv if argv is not None else sys.argv[1:])])
     configs = [compose_run(r, name, args.overrides, Path(args.output_dir) / name, command) for r in runs]
     with reported_in_one_line():  # a bad value is refused before the first run, not in every run

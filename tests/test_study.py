@@ -81,6 +81,12 @@ def test_a_run_counts_as_done_only_with_the_same_settings(mini_study, capsys):
     assert study.main([*options, "--dry-run", *overrides, "data.seed=1"]) == 0  # other splits: nothing done
     other = capsys.readouterr().out.splitlines()
     assert len(other) == 18 and all(line.startswith("todo  ") for line in other)
+    assert study.main([*options, "--dry-run", "--only", "autorec/*/fold1,vae/80-20/*", *overrides]) == 0
+    keys = [line.split()[1] for line in capsys.readouterr().out.splitlines()]
+    assert keys == ["vae/80-20/fold0", "autorec/80-20/fold1", "vae/80-20/fold1", "autorec/90-10/fold1"]  # plan order
+    with pytest.raises(SystemExit):
+        study.main([*options, "--dry-run", "--only", "mf/*", *overrides])
+    assert "--only mf/*: no run of" in capsys.readouterr().err
 
 
 def test_the_report_has_every_row_with_intervals_and_all_six_figures(mini_study):
