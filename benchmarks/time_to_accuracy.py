@@ -102,7 +102,7 @@ def surprise_arm(arguments: dict, train_val, test, seed: int) -> Result:
 
 
 def cfae_arm(overrides: list[str], store: Path, seed: int) -> Result:
-    cfg = compose(*overrides, f"seed={seed}", "trainer.enable_progress_bar=false",
+    cfg = compose(*overrides, f"seed={seed}", "trainer.enable_progress_bar=false", "ranking=null",
                   f"logger.uri=sqlite:///{store}/mlflow.db", f"output_dir={store}/run-{time.time_ns()}")
     with open_dict(cfg):
         cfg.callbacks.test_curve = {"_target_": f"{__name__}.TestCurve"}
