@@ -85,3 +85,23 @@ def test_seed_spread_runs_each_seed_and_prints_the_spread(data_root, tmp_path):
     last = dict(item.split("=") for item in lines[-1].split())
     assert float(last["mean"]) == pytest.approx(sum(tests) / 2, abs=1e-4)
     assert float(last["worst_minus_mean"]) == pytest.approx(max(tests) - sum(tests) / 2, abs=2e-4)
+    assert last["failed"] == "0"
+
+
+def test_a_seed_that_diverges_is_counted_as_failed_and_the_others_go_on(benchmark, data_root, monkeypatch, capsys):
+    monkeypatch.setenv("CFAE_DATA_DIR", str(data_root))
+    seed_spread = benchmark("seed_spread")
+    real = seed_spread.train
+
+    def diverging_at_seed_1(cfg):
+        if cfg.seed == 1:
+            raise RuntimeError("training diverged")
+        return real(cfg)
+
+    monkeypatch.setattr(seed_spread, "train", diverging_at_seed_1)
+    monkeypatch.setattr(sys, "argv", ["seed_spread.py", "--seeds", "3", "hidden=16", "data.batch_size=32",
+                                      "trainer.max_epochs=1"])
+    seed_spread.main()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[2] == "seed 1: failed: RuntimeError: training diverged"
+    assert lines[-1].endswith(" failed=1") and sum(line.startswith("seed ") for line in lines) == 3
