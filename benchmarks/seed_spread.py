@@ -11,16 +11,14 @@ shows as a worst seed far above the mean, one that diverged as failed.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import statistics
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
-from cfae.configs import compose
-from cfae.console import quiet_libraries
+from cfae.configs import scratch_run
+from cfae.console import quiet_benchmark
 from cfae.processes import keep_freed_memory, machine
 from cfae.train import train
 
@@ -30,18 +28,14 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="train.py overrides, e.g. model=deep_refeed")
     parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args()
-    quiet_libraries()
-    for name in ("cfae", "mlflow"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    quiet_benchmark()
     os.environ.setdefault("CFAE_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     keep_freed_memory()
     print(f"{machine()}, {date.today()}: train.py {' '.join(args.overrides)}, seeds 0-{args.seeds - 1}", flush=True)
     tests, failed = [], 0
     with tempfile.TemporaryDirectory() as store:
         for seed in range(args.seeds):
-            cfg = compose(*args.overrides, f"seed={seed}", "trainer.enable_progress_bar=false", "ranking=null",
-                          f"logger.uri=sqlite:///{store}/mlflow.db", f"output_dir={store}/run-{time.time_ns()}")
+            cfg = scratch_run(Path(store), *args.overrides, f"seed={seed}")
             try:
                 m = train(cfg)
             except Exception as err:  # the run is FAILED in its store, with the reason; the other seeds go on

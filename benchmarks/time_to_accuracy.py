@@ -3,7 +3,7 @@
     pip install scikit-surprise      # the peer; needed by this benchmark only
     CFAE_DATA_DIR=../shared/data python benchmarks/time_to_accuracy.py [--repeats 3] [--arms ...]
 
-Every arm sees cfae's ML-1M fold-0 split (80:20; `--data`/`--overrides` for others). Surprise's `SVD` is
+Every arm sees cfae's ML-1M fold-0 split (80:20; `--overrides` for others). Surprise's `SVD` is
 fitted on the training and validation parts together (it has no use for a validation part) and its clock
 is `fit()` alone: the trainset is built before. A cfae arm is `python train.py <overrides>` run in this
 process, into a throwaway MLflow store: its clock starts at `trainer.fit` (data already loaded, as
@@ -22,7 +22,6 @@ run takes to reach the test RMSE that `SVD()` ends at, in the same repeat, and t
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import statistics
@@ -37,8 +36,8 @@ import lightning as L
 import numpy as np
 from omegaconf import open_dict
 
-from cfae.configs import compose
-from cfae.console import quiet_libraries
+from cfae.configs import compose, scratch_run
+from cfae.console import quiet_benchmark
 from cfae.metrics import MaskedRMSE
 from cfae.processes import keep_freed_memory, machine
 from cfae.train import build, fit
@@ -102,8 +101,7 @@ def surprise_arm(arguments: dict, train_val, test, seed: int) -> Result:
 
 
 def cfae_arm(overrides: list[str], store: Path, seed: int) -> Result:
-    cfg = compose(*overrides, f"seed={seed}", "trainer.enable_progress_bar=false", "ranking=null",
-                  f"logger.uri=sqlite:///{store}/mlflow.db", f"output_dir={store}/run-{time.time_ns()}")
+    cfg = scratch_run(store, *overrides, f"seed={seed}")
     with open_dict(cfg):
         cfg.callbacks.test_curve = {"_target_": f"{__name__}.TestCurve"}
     metrics = fit(cfg).metrics
@@ -136,24 +134,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--arms", default=",".join([*SURPRISE, *CFAE]))
-    parser.add_argument("--data", default="ml1m")
-    parser.add_argument("--fold", type=int, default=0)
-    parser.add_argument("--overrides", default="", help="more train.py overrides for every cfae arm, space-separated")
+    parser.add_argument("--overrides", default="", help="train.py overrides for every arm's data and every cfae "
+                                                        "arm, space-separated (e.g. 'data=ml100k data.fold=1')")
     args = parser.parse_args()
     arms = args.arms.split(",")
     unknown = [a for a in arms if a not in SURPRISE and a not in CFAE]
     if unknown:
         parser.error(f"--arms: unknown {unknown}; known: {[*SURPRISE, *CFAE]}")
-    quiet_libraries()
-    for name in ("cfae", "mlflow"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    quiet_benchmark()
     keep_freed_memory()
-    root = os.environ.get("CFAE_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
-    os.environ["CFAE_DATA_DIR"] = root
-    common = [f"data={args.data}", f"data.fold={args.fold}", *args.overrides.split()]
+    os.environ.setdefault("CFAE_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    common = args.overrides.split()
     train_val, test, dm = surprise_data(common)
-    print(f"{machine()}, {date.today()}; {args.data} fold {args.fold}: {train_val.n_ratings} training+validation "
+    print(f"{machine()}, {date.today()}; {dm.dataset} fold {dm.fold}: {train_val.n_ratings} training+validation "
           f"and {len(test)} test ratings; {args.repeats} interleaved repeats", flush=True)
     results: dict[str, list[Result]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory() as store:

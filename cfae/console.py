@@ -4,6 +4,7 @@ the entry points (train.py, sweep.py, `python -m cfae.study`), never on import."
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 # Loggers whose INFO lines say nothing a cfae user acts on: Lightning's "GPU available: False", "💡 Tip:
@@ -24,3 +25,12 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
     warnings.filterwarnings("ignore", category=ExperimentalWarning)
+
+
+def quiet_benchmark() -> None:
+    """For a script that runs train.py many times in its own process and prints its own lines: libraries
+    quiet, cfae's and MLflow's logs errors only, no artifact progress bars."""
+    quiet_libraries()
+    for name in ("cfae", "mlflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"

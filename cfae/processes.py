@@ -12,6 +12,7 @@ import os
 import platform
 import socket
 import sys
+import time
 from pathlib import Path
 
 
@@ -86,8 +87,6 @@ def machine() -> str:
 
 def timings(f, repeats: int) -> list[float]:
     """Seconds of each of `repeats` calls of f, after one call to warm up: what the benchmarks report."""
-    import time
-
     f()
     times = []
     for _ in range(repeats):
