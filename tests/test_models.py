@@ -199,12 +199,11 @@ def test_a_model_starts_at_the_training_ratings_mean_unless_resumed(make, data_r
         started.eval()
         predictions = started(x)
     assert abs(float(predictions.mean()) - mean) < 0.2 and abs(mean - 3.0) > 0.3  # not the scale's middle
-    bias = started.mean if isinstance(started, MatrixFactorization) else started.output_layer()[1]
+    bias = starting_value(started)
     assert torch.all(bias == mean)
     untouched = make(dm.n_cols, optimizer=torch.optim.Adam, start_at_mean=False)
     L.Trainer(**unfit_args()).fit(untouched, datamodule=dm)
-    assert not torch.any((untouched.mean if isinstance(untouched, MatrixFactorization)
-                          else untouched.output_layer()[1]) == mean)
+    assert not torch.any(starting_value(untouched) == mean)
     with torch.no_grad():  # a resumed fit keeps the checkpoint's weights
         bias.fill_(7.0)
     trainer = L.Trainer(**unfit_args())
@@ -212,7 +211,12 @@ def test_a_model_starts_at_the_training_ratings_mean_unless_resumed(make, data_r
     trainer.save_checkpoint(tmp_path / "state.ckpt")
     resumed = make(dm.n_cols, optimizer=torch.optim.Adam)
     L.Trainer(**unfit_args(max_epochs=2)).fit(resumed, datamodule=dm, ckpt_path=tmp_path / "state.ckpt")
-    assert torch.all((resumed.mean if isinstance(resumed, MatrixFactorization) else resumed.output_layer()[1]) == 7.0)
+    assert torch.all(starting_value(resumed) == 7.0)
+
+
+def starting_value(model) -> torch.Tensor:
+    """What `start_at` sets: MF's global mean, an autoencoder's output bias."""
+    return model.mean if isinstance(model, MatrixFactorization) else model.output_layer()[1]
 
 
 def unfit_args(max_epochs: int = 1) -> dict:
