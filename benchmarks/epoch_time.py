@@ -6,10 +6,11 @@ Each model trains on ML-1M fold 0, item rows, batch 256 (`--batch-size`), Adam l
 loss: cfae through Lightning with its config's optimizer (Adam with `fused=True`), the reference as the
 textbook loop that holds the whole items x users matrix dense and multiplies it as is, in float32, with
 torch's default Adam.
-cfae runs at its default precision (`conf/trainer/default.yaml`: bf16 mixed precision on a CPU with AMX
-tiles, else float32). Two more references show where the gap comes from: the dense loop with fused Adam,
-and with fused Adam under bf16 autocast (cfae's optimizer and precision). Reported: the median
-epoch after one warm-up epoch. The last line starts with AutoRec's
+Every loop runs on `--device` (cuda or cpu; default: the CUDA GPU where there is one, else the CPU), and
+cfae at its default precision there (`conf/trainer/default.yaml`: bf16 mixed precision on a GPU that
+multiplies bfloat16 and on a CPU with AMX tiles, else float32). Two more references show where the gap
+comes from: the dense loop with fused Adam, and with fused Adam under bf16 autocast (cfae's optimizer and
+precision). Reported: the median epoch after one warm-up epoch. The last line starts with AutoRec's
 `cfae_s_per_epoch=X dense_s_per_epoch=Y ratio=X/Y`, then the same ratios for the other models, then
 `autorec_floor_s=F autorec_over_floor=X/F`.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import math
 import os
 import statistics
@@ -32,6 +32,7 @@ from torch import nn
 
 from cfae.callbacks import EpochTimer
 from cfae.configs import precision
+from cfae.console import quiet_benchmark
 from cfae.data import MovieLensDataModule
 from cfae.models import VAE, AutoRec, DeepAutoencoder
 from cfae.processes import keep_freed_memory, machine, timings
@@ -64,17 +65,27 @@ def reference(name: str, n_cols: int) -> tuple[nn.Module, callable]:
     return net, loss
 
 
-def machine_rates(dtype: torch.dtype) -> tuple[float, float]:
-    """(matrix-multiply FLOP/s in `dtype`, memory bytes/s) of this process: the best of a few products of
-    the sizes an epoch multiplies, and a copy of 256 MB (read + write)."""
+def synchronized(f, device: torch.device):
+    """f, returning only once the device has done the work it queued (a GPU runs asynchronously)."""
+    def call():
+        f()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return call
+
+
+def machine_rates(dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
+    """(matrix-multiply FLOP/s in `dtype`, memory bytes/s) on `device`: the best of a few products of the
+    sizes an epoch multiplies, and a copy of 256 MB (read + write)."""
     def best(f) -> float:
-        return min(timings(f, repeats=5))
+        return min(timings(synchronized(f, device), repeats=5))
 
     rate = 0.0
     for m, k, n in [(256, HIDDEN, 6040), (2048, 2048, 2048)]:
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
         rate = max(rate, 2 * m * k * n / best(functools.partial(torch.mm, a, b)))
-    src, dst = torch.empty(64 * 2**20), torch.empty(64 * 2**20)
+    src, dst = torch.empty(64 * 2**20, device=device), torch.empty(64 * 2**20, device=device)
     return rate, 2 * src.numel() * 4 / best(functools.partial(dst.copy_, src))
 
 
@@ -95,20 +106,27 @@ def autorec_floor(n_rows: int, n_cols: int, nnz: int, batch_size: int, rate: flo
     return floors
 
 
-def dense_epochs(name: str, matrix, epochs: int, fused: bool, bf16: bool = False, batch_size: int = 256) -> list[float]:
-    x_all = torch.from_numpy(matrix.toarray())  # (n_rows, n_cols) dense
+def dense_epochs(name: str, matrix, epochs: int, fused: bool, bf16: bool = False, batch_size: int = 256,
+                 device: torch.device | None = None) -> list[float]:
+    device = device or torch.device("cpu")
+    x_all = torch.from_numpy(matrix.toarray()).to(device)  # (n_rows, n_cols) dense
     net, loss_fn = reference(name, x_all.shape[1])
+    net.to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=fused)
-    times = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        for rows in torch.randperm(len(x_all)).split(batch_size):
+
+    def epoch() -> None:
+        for rows in torch.randperm(len(x_all), device=device).split(batch_size):
             x = x_all[rows]  # (batch, n_cols)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn(x, x > 0)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        synchronized(epoch, device)()
         times.append(time.perf_counter() - start)
     return times
 
@@ -124,11 +142,11 @@ def cfae_model(name: str, n_cols: int, sampled_output: str | bool) -> L.Lightnin
 
 
 def cfae_epochs(name: str, dm: MovieLensDataModule, epochs: int, sampled_output: str | bool,
-                precision: str) -> list[float]:
+                precision: str, device: torch.device) -> list[float]:
     timer = EpochTimer()
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer], accelerator="cpu",
-                        precision=precision)
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer],
+                        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision)
     trainer.fit(cfae_model(name, dm.n_cols, sampled_output), datamodule=dm)
     return timer.times
 
@@ -138,10 +156,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--models", default="autorec,deep,vae")
     parser.add_argument("--sampled-output", default="auto", choices=["auto", "true", "false"])
-    parser.add_argument("--precision", default=precision("cpu"), help="cfae's; default: conf/trainer's choice")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", help="cfae's; default: conf/trainer's choice for the device")
     parser.add_argument("--batch-size", type=int, default=256, help="rows per batch, for every loop")
     args = parser.parse_args()
-    logging.getLogger("lightning").setLevel(logging.ERROR)
+    device = torch.device(args.device)
+    args.precision = args.precision or precision("gpu" if device.type == "cuda" else "cpu")
+    quiet_benchmark()
     sampled = {"true": True, "false": False}.get(args.sampled_output, "auto")
     keep_freed_memory()  # as train.py does; the reference loops share the process and so the setting
     root = os.environ.get("CFAE_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -150,16 +171,17 @@ def main() -> None:
     print(f"ml1m: {dm.train_matrix.shape[0]} item rows x {dm.n_cols} users, {dm.train_matrix.nnz} training "
           f"ratings; torch {torch.__version__}, {torch.get_num_threads()} threads; cfae precision {args.precision}")
     dtype = torch.bfloat16 if args.precision.startswith("bf16") else torch.float32  # what cfae multiplies in
-    rate, bandwidth = machine_rates(dtype)
+    rate, bandwidth = machine_rates(dtype, device)
     print(f"{machine()}, {date.today()}: {dtype} matrix multiply {rate / 1e9:.0f} GFLOP/s, memory "
           f"{bandwidth / 1e9:.1f} GB/s")
     figures, floor_figure = [], ""
     for name in args.models.split(","):
         torch.manual_seed(0)
-        dense = functools.partial(dense_epochs, name, dm.train_matrix, args.epochs, batch_size=args.batch_size)
+        dense = functools.partial(dense_epochs, name, dm.train_matrix, args.epochs, batch_size=args.batch_size,
+                                  device=device)
         runs = {"dense": dense(fused=False), "dense+fused": dense(fused=True),
                 "dense+fused+bf16": dense(fused=True, bf16=True),
-                "cfae": cfae_epochs(name, dm, args.epochs, sampled, args.precision)}
+                "cfae": cfae_epochs(name, dm, args.epochs, sampled, args.precision, device)}
         medians = {k: statistics.median(v[1:]) for k, v in runs.items()}
         for kind, times in runs.items():
             print(f"{name:>8} {kind:>16}: " + " ".join(f"{t:.3f}" for t in times) + " s per epoch")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import resource
 import subprocess
@@ -32,12 +31,13 @@ def one(name: str, batch_size: int) -> dict:
 
     from cfae.callbacks import EpochTimer
     from cfae.configs import precision
+    from cfae.console import quiet_benchmark
     from cfae.data import MovieLensDataModule
     from cfae.models import AutoRec
     from cfae.processes import keep_freed_memory
     from cfae.synthetic import planted_ratings
 
-    logging.getLogger("lightning").setLevel(logging.ERROR)
+    quiet_benchmark()
     keep_freed_memory()  # as train.py does
     common = {"orientation": "item", "batch_size": batch_size, "min_item_ratings": 1 if name in SYNTHETIC else 10}
     if name in SYNTHETIC:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import optuna
+import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -31,13 +32,20 @@ class EpochTimer(Callback):
         self.start: float | None = None
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.start = time.perf_counter()
+        self.start = self._now(pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.start is None:  # resumed from a checkpoint taken at the end of an epoch: nothing timed
             return
-        self.times.append(time.perf_counter() - self.start)
+        self.times.append(self._now(pl_module) - self.start)
         pl_module.log("time/epoch_s", self.times[-1])
+
+    @staticmethod
+    def _now(pl_module) -> float:
+        """The clock once the GPU, if any, has done the work queued so far (CUDA runs asynchronously)."""
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
 
 
 class DivergenceGuard(Callback):

@@ -1,4 +1,4 @@
-"""The benchmark scripts measure what they say: benchmarks/time_to_accuracy.py."""
+"""The benchmark scripts measure what they say."""
 
 import logging
 import math
@@ -71,6 +71,18 @@ def test_the_autorec_floor_counts_each_product_and_adam_step(benchmark):
     assert floors["sampled"][1:] == (6 * 30 * h + 4 * 30 * h, adam + 3 * 4 * 30 * h)
     for seconds, flops, moved in floors.values():
         assert seconds == max(flops / 1e9, moved / 1e8)
+
+
+def test_the_gpu_check_says_in_one_line_that_it_has_no_gpu_to_check():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: benchmarks/gpu_check.sh would run in earnest")
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable}, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"gpu_check: torch {torch.__version__} sees no CUDA GPU here (") and " cores, " in line
 
 
 @pytest.mark.slow
