@@ -109,15 +109,20 @@ class RatingModel(L.LightningModule):
         return self.output_function(F.linear(self.features(x), *self.output_layer()))
 
     def use_sampled_output(self, at: SparseRows) -> bool:
-        """Whether to compute outputs only at the cells of `at`. `auto` does so when the cells are under
-        1% of the batch's rows x columns, or when the dense output would pass 256 MB. Measured on a 2-core
-        AMX CPU (benchmarks/kernels.py, 256 rows, latent 500): at ML-1M's 4% the dense bf16 product wins
-        (tiles reuse each weight row across the batch: 1.6 ms against 3.0 sampled), at ML-20M's 0.4% the
-        sampled one does (22 ms against 104)."""
+        """Whether to compute outputs only at the cells of `at`. `auto` does so below a share of the batch's
+        rows x columns that depends on how the dense product would run, or when the dense output would pass
+        256 MB. Forward and backward of the output layer, 256 rows, latent 500 (benchmarks/kernels.py):
+        - float32 on a CPU (2-core AMD EPYC, AVX2): the sampled product wins up to about 16% of the cells
+          (26 ms against 76 at ML-1M's 4%; even at 16%): sampled below 10%;
+        - bf16 autocast on a CPU with AMX tiles, which reuse each weight row across the batch: the dense
+          product wins at 4% (1.6 ms against 3.0) and loses at ML-20M's 0.4% (104 against 22): below 1%;
+          likewise on a GPU, whose dense products are its strength (not measured)."""
         if self.sampled_output != "auto":
             return self.sampled_output
+        device = at.col.device.type
+        share = 0.1 if device == "cpu" and not torch.is_autocast_enabled(device) else 0.01
         cells = at.n_rows * at.n_cols
-        return len(at.col) < 0.01 * cells or cells * 4 > 256 * 2**20
+        return len(at.col) < share * cells or cells * 4 > 256 * 2**20
 
     def decode_at(self, h: Tensor, at: SparseRows) -> Tensor:
         """(at nnz,) the output layer applied to features h, at the cells of `at` only."""
