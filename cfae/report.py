@@ -239,6 +239,15 @@ def figures(client, records: list[dict], out: Path, command: str) -> dict[str, b
     }
 
 
+def figure_note(drawn: dict[str, bool]) -> str:
+    """What the report says of the figures it could not draw: nothing for a study with none of their runs (a
+    plan without figures, such as the kernel models'), their names when only some are there."""
+    missing = [name for name, ok in drawn.items() if not ok]
+    if not any(drawn.values()):
+        return "\nNo figures: the study has none of the runs of figures 3-8.\n"
+    return f"\nMissing figures (their runs are not in the store): {', '.join(missing)}\n" if missing else ""
+
+
 def report(study: str = "study", out: str | Path = "reports", uri: str | None = None,
            experiment_name: str = "cfae", log_to_mlflow: bool = True, command: str = "python -m cfae.report") -> dict:
     """Write the study's table (Markdown, CSV) and figures to `out`; returns what was written."""
@@ -253,9 +262,7 @@ def report(study: str = "study", out: str | Path = "reports", uri: str | None = 
     drawn = figures(client, records, out, command)
     missing = [name for name, ok in drawn.items() if not ok]
     text = markdown(rows, study, footer)
-    text += "\n".join(f"![{name}]({name})" for name, ok in drawn.items() if ok) + "\n"
-    if missing:
-        text += f"\nMissing figures (their runs are not in the store): {', '.join(missing)}\n"
+    text += "\n".join(f"![{name}]({name})" for name, ok in drawn.items() if ok) + "\n" + figure_note(drawn)
     (out / f"{study}.md").write_text(text)
     write_csv(rows, out / f"{study}.csv")
     files = [out / f"{study}.md", out / f"{study}.csv", *(out / n for n, ok in drawn.items() if ok)]

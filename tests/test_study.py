@@ -125,6 +125,13 @@ def test_a_figure_whose_runs_are_missing_is_not_drawn(mini_study, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["fig5_deep.png", "fig8_vae.png"]
 
 
+def test_the_report_names_missing_figures_only_when_some_are_drawn():
+    assert report.figure_note({"fig3.png": True, "fig4.png": True}) == ""
+    assert report.figure_note({"fig3.png": True, "fig4.png": False}).strip() == (
+        "Missing figures (their runs are not in the store): fig4.png")
+    assert "Missing" not in report.figure_note({"fig3.png": False, "fig4.png": False})  # a plan without figures
+
+
 def test_the_report_of_an_unknown_study_is_an_error(mini_study, tmp_path):
     src, _, _ = mini_study
     with pytest.raises(SystemExit, match="no finished runs"):
