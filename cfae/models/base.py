@@ -111,11 +111,13 @@ class RatingModel(L.LightningModule):
     def use_sampled_output(self, at: SparseRows) -> bool:
         """Whether to compute outputs only at the cells of `at`. `auto` does so below a share of the batch's
         rows x columns that depends on how the dense product would run, or when the dense output would pass
-        256 MB. Forward and backward of the output layer, 256 rows, latent 500 (benchmarks/kernels.py):
-        - float32 on a CPU (2-core AMD EPYC, AVX2): the sampled product wins up to about 16% of the cells
-          (26 ms against 76 at ML-1M's 4%; even at 16%): sampled below 10%;
-        - bf16 autocast on a CPU with AMX tiles, which reuse each weight row across the batch: the dense
-          product wins at 4% (1.6 ms against 3.0) and loses at ML-20M's 0.4% (104 against 22): below 1%;
+        256 MB. The output layer, 256 rows, latent 500:
+        - float32 on a CPU (2-core AMD EPYC, AVX2; benchmarks/output_layer.py, forward and backward): the
+          sampled product wins up to about 16% of the cells (12 ms against 46 at ML-1M's 4%; even at 16%):
+          sampled below 10%;
+        - bf16 autocast on a CPU with AMX tiles, which reuse each weight row across the batch
+          (benchmarks/kernels.py, forward): the dense product wins at 4% (1.6 ms against 3.0) and loses at
+          ML-20M's 0.4% (104 against 22): below 1%;
           likewise on a GPU, whose dense products are its strength (not measured)."""
         if self.sampled_output != "auto":
             return self.sampled_output
