@@ -112,8 +112,8 @@ class RatingModel(L.LightningModule):
         """Whether to compute outputs only at the cells of `at`. `auto` does so below a share of the batch's
         rows x columns that depends on how the dense product would run, or when the dense output would pass
         256 MB. The output layer, 256 rows, latent 500:
-        - float32 on a CPU (2-core AMD EPYC, AVX2; benchmarks/output_layer.py, forward and backward): the
-          sampled product wins up to about 16% of the cells (12 ms against 46 at ML-1M's 4%; even at 16%):
+        - float32 on a CPU (2-core AMD EPYC, AVX2; benchmarks/kernels.py, forward and backward): the
+          sampled product wins up to about 16% of the cells (16 ms against 48 at ML-1M's 4%; even at 16%):
           sampled below 10%;
         - bf16 autocast on a CPU with AMX tiles, which reuse each weight row across the batch
           (benchmarks/kernels.py, forward): the dense product wins at 4% (1.6 ms against 3.0) and loses at
