@@ -22,7 +22,6 @@ import functools
 import math
 import os
 import statistics
-import time
 from datetime import date
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from cfae.configs import precision
 from cfae.console import quiet_benchmark
 from cfae.data import MovieLensDataModule
 from cfae.models import VAE, AutoRec, DeepAutoencoder
-from cfae.processes import keep_freed_memory, machine, timings
+from cfae.processes import device_clock, keep_freed_memory, machine, timings
 
 HIDDEN = 500
 
@@ -65,21 +64,11 @@ def reference(name: str, n_cols: int) -> tuple[nn.Module, callable]:
     return net, loss
 
 
-def synchronized(f, device: torch.device):
-    """f, returning only once the device has done the work it queued (a GPU runs asynchronously)."""
-    def call():
-        f()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    return call
-
-
 def machine_rates(dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
     """(matrix-multiply FLOP/s in `dtype`, memory bytes/s) on `device`: the best of a few products of the
     sizes an epoch multiplies, and a copy of 256 MB (read + write)."""
     def best(f) -> float:
-        return min(timings(synchronized(f, device), repeats=5))
+        return min(timings(f, repeats=5, device=device))
 
     rate = 0.0
     for m, k, n in [(256, HIDDEN, 6040), (2048, 2048, 2048)]:
@@ -113,8 +102,9 @@ def dense_epochs(name: str, matrix, epochs: int, fused: bool, bf16: bool = False
     net, loss_fn = reference(name, x_all.shape[1])
     net.to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=fused)
-
-    def epoch() -> None:
+    times = []
+    for _ in range(epochs):
+        start = device_clock(device)
         for rows in torch.randperm(len(x_all), device=device).split(batch_size):
             x = x_all[rows]  # (batch, n_cols)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -122,12 +112,7 @@ def dense_epochs(name: str, matrix, epochs: int, fused: bool, bf16: bool = False
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-
-    times = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        synchronized(epoch, device)()
-        times.append(time.perf_counter() - start)
+        times.append(device_clock(device) - start)
     return times
 
 

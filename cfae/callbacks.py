@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import optuna
-import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cfae.checks import Diverged
 from cfae.metrics import TRAIN_LOSS, VAL_RMSE
+from cfae.processes import device_clock
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +32,13 @@ class EpochTimer(Callback):
         self.start: float | None = None
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.start = self._now(pl_module)
+        self.start = device_clock(pl_module.device)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.start is None:  # resumed from a checkpoint taken at the end of an epoch: nothing timed
             return
-        self.times.append(self._now(pl_module) - self.start)
+        self.times.append(device_clock(pl_module.device) - self.start)
         pl_module.log("time/epoch_s", self.times[-1])
-
-    @staticmethod
-    def _now(pl_module) -> float:
-        """The clock once the GPU, if any, has done the work queued so far (CUDA runs asynchronously)."""
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        return time.perf_counter()
 
 
 class DivergenceGuard(Callback):

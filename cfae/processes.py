@@ -85,12 +85,23 @@ def machine() -> str:
     return f"{cpu}, {cores} cores, {gpu}"
 
 
-def timings(f, repeats: int) -> list[float]:
-    """Seconds of each of `repeats` calls of f, after one call to warm up: what the benchmarks report."""
+def device_clock(device=None) -> float:
+    """`time.perf_counter()` once `device` (a torch.device) has done the work queued on it: a CUDA GPU runs
+    asynchronously, so its clock is read after a synchronisation."""
+    if device is not None and device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def timings(f, repeats: int, device=None) -> list[float]:
+    """Seconds of each of `repeats` calls of f, after one call to warm up, the work f queues on `device`
+    included: what the benchmarks report."""
     f()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = device_clock(device)
         f()
-        times.append(time.perf_counter() - start)
+        times.append(device_clock(device) - start)
     return times
