@@ -4,6 +4,7 @@
     python -m cfae.study --name quick data=ml100k trainer.max_epochs=2 --folds 0,1
     python -m cfae.study --dry-run                         # list the runs and what is already done
     python -m cfae.study --config conf/study_kernels.yaml --only 'kernel_autorec/90-10/*'   # some runs only
+    python -m cfae.study --jobs 2                          # two runs at a time, one core (or one GPU) each
 
 Each run is what `python train.py +experiment=<row> data.fold=<k> <overrides>` would do, run in this
 process, and becomes an MLflow run tagged `cfae.study=<name>`, `cfae.key=<what it is>` (for example
@@ -12,16 +13,27 @@ done when the study has a FINISHED run with the same key and the same resolved c
 `cfae.config` digest: dataset, split, model, optimizer, trainer, ...), so a study that dies resumes where it
 stopped and changed settings are run anew; a run that fails is recorded (FAILED, with its error) and the
 study goes on. `python -m cfae.report` renders it.
+
+With `--jobs N` the runs go N at a time, each in a process of its own with an equal share of the cores
+(`threads`) and, where there are GPUs, one of them. Where a run is this small (ML-1M on a CPU) most of an
+epoch's time is not parallel, so two one-core runs get through a study sooner than one two-core run at a
+time (benchmarks in docs/performance.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import logging
+import multiprocessing
+import os
+import queue
 import shlex
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +41,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cfae.checks import check_config, reported_in_one_line
 from cfae.configs import CONF, compose
-from cfae.console import quiet_libraries
+from cfae.console import quiet_benchmark, quiet_libraries
+from cfae.metrics import FIT_SECONDS, TEST_RMSE
 from cfae.processes import keep_freed_memory
 from cfae.tracking import config_digest, finished_study_runs, mlflow_client
 from cfae.train import train
@@ -102,8 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", help="comma-separated folds (default: the plan's)")
     parser.add_argument("--only", help="comma-separated patterns of run keys, e.g. 'kernel_autorec/90-10/*'")
     parser.add_argument("--output-dir", default="outputs/study", help="checkpoints and configs, per run")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time, each in its own process with an equal share of the cores (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: give 1 or more runs at a time")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
     quiet_libraries()
     study = OmegaConf.load(args.config)
@@ -129,19 +146,131 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if configs[0].keep_freed_memory:
         keep_freed_memory()
+    start = time.perf_counter()
+    failed = run_in_parallel(todo, args.jobs) if args.jobs > 1 and todo else run_in_turn(todo)
+    log.info("study %r: %d runs in %.1f min, %d failed%s", name, len(todo), (time.perf_counter() - start) / 60,
+             len(failed), f": {', '.join(failed)}" if failed else "")
+    return 1 if failed else 0
+
+
+def progress(done: int, total: int, start: float) -> str:
+    elapsed = time.perf_counter() - start
+    eta = f", about {elapsed / done * (total - done) / 60:.0f} min left" if done else ""
+    return f"{elapsed / 60:.0f} min so far{eta}"
+
+
+def run_in_turn(todo: list[tuple[Run, DictConfig]]) -> list[str]:
+    """Each run in this process, one after the other; the keys of those that failed."""
     failed, start = [], time.perf_counter()
     for i, (run, cfg) in enumerate(todo, 1):
-        elapsed = time.perf_counter() - start
-        eta = f", about {elapsed / (i - 1) * (len(todo) - i + 1) / 60:.0f} min left" if i > 1 else ""
-        log.info("[%d/%d] %s (%.0f min so far%s)", i, len(todo), run.key, elapsed / 60, eta)
+        log.info("[%d/%d] %s (%s)", i, len(todo), run.key, progress(i - 1, len(todo), start))
         try:
             train(cfg)
         except Exception as err:  # recorded as FAILED in MLflow by train(); the study goes on
             log.error("%s failed: %s: %s", run.key, type(err).__name__, err)
             failed.append(run.key)
-    log.info("study %r: %d runs in %.1f min, %d failed%s", name, len(todo), (time.perf_counter() - start) / 60,
-             len(failed), f": {', '.join(failed)}" if failed else "")
-    return 1 if failed else 0
+    return failed
+
+
+def run_in_parallel(todo: list[tuple[Run, DictConfig]], jobs: int) -> list[str]:
+    """The runs `jobs` at a time, each worker process with cores // jobs threads and, where there are GPUs,
+    one of them; the keys of those that failed. A worker that dies (killed, out of memory) fails its run and
+    is replaced. Ctrl-C or SIGTERM stops every run as train.py stops one (state saved, MLflow run KILLED)."""
+    import torch
+
+    jobs = min(jobs, len(todo))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads, n_gpus = max(1, cores // jobs), torch.cuda.device_count()
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch thread pools
+    tasks, results = context.Queue(), context.Queue()
+    for run, cfg in todo:
+        with open_dict(cfg):
+            cfg.threads = cfg.get("threads") or threads
+            cfg.trainer.enable_progress_bar = False  # one progress line per run from here instead
+        tasks.put((run.key, cfg))
+    for _ in range(jobs):
+        tasks.put(None)  # one stop sign per worker
+
+    def start_worker(slot: int):
+        gpu = slot % n_gpus if n_gpus else None
+        worker = context.Process(target=work, args=(tasks, results, gpu), name=f"cfae-study-{slot}")
+        worker.start()
+        return worker
+
+    workers = {slot: start_worker(slot) for slot in range(jobs)}
+    running: dict[int, str] = {}  # worker pid -> key of its run
+    failed, finished, start = [], 0, time.perf_counter()
+    with forwarded_signals(workers):
+        while workers:
+            try:
+                pid, key, outcome = results.get(timeout=1)
+            except queue.Empty:
+                for slot, worker in list(workers.items()):
+                    if worker.is_alive():
+                        continue
+                    del workers[slot]
+                    key = running.pop(worker.pid, None)
+                    if key is not None:  # died during a run; its stop sign is still queued for a new worker
+                        log.error("%s failed: its process died (exit code %s)", key, worker.exitcode)
+                        failed.append(key)
+                        finished += 1
+                        workers[slot] = start_worker(slot)
+                continue
+            if outcome is None:
+                running[pid] = key
+                log.info("[%d/%d] %s started (%s)", finished + len(running), len(todo), key,
+                         progress(finished, len(todo), start))
+                continue
+            running.pop(pid, None)
+            finished += 1
+            if isinstance(outcome, str):
+                log.error("%s failed: %s", key, outcome)
+                failed.append(key)
+            else:
+                log.info("%s done in %.0f s: test RMSE %.4f", key, outcome[FIT_SECONDS], outcome[TEST_RMSE])
+    return failed
+
+
+@contextlib.contextmanager
+def forwarded_signals(workers: dict) -> Iterator[None]:
+    """Ctrl-C or SIGTERM stops the workers' runs (each saves its state and ends KILLED), then the study."""
+
+    def stop(signum, frame) -> None:
+        for worker in workers.values():
+            if worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+        for worker in workers.values():
+            worker.join()
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def work(tasks, results, gpu: int | None) -> None:
+    """A worker process: runs (key, cfg) from `tasks` until a stop sign, telling `results` when each starts
+    (pid, key, None) and how it ended: (pid, key, metrics) or (pid, key, "the error")."""
+    os.setpgrp()  # out of the terminal's process group: Ctrl-C reaches the study, which stops each run once
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before CUDA starts in this process
+    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(name)s] %(message)s")
+    quiet_benchmark()  # the study prints each run's start and end; a worker only its warnings and errors
+    logging.getLogger("cfae").setLevel(logging.WARNING)
+    study = os.getppid()
+    for key, cfg in iter(tasks.get, None):
+        if os.getppid() != study:  # the study was killed outright: take no more runs
+            return
+        if cfg.keep_freed_memory:
+            keep_freed_memory()
+        results.put((os.getpid(), key, None))
+        try:
+            results.put((os.getpid(), key, train(cfg)))
+        except Exception as err:  # recorded as FAILED in MLflow by train()
+            results.put((os.getpid(), key, f"{type(err).__name__}: {err}"))
 
 
 if __name__ == "__main__":

@@ -203,6 +203,39 @@ def test_sigterm_or_ctrl_c_saves_the_state_ends_the_run_killed_and_exits_non_zer
 
 
 @pytest.mark.slow
+def test_a_study_running_two_at_a_time_survives_a_killed_worker_and_stops_every_run_on_sigterm(data_root, tmp_path):
+    from cfae.processes import has_died
+
+    (tmp_path / "plan.yaml").write_text("name: pair\nfolds: [0]\nrows: [autorec, denoising, svd]\n"
+                                        "protocols: {'80-20': {overrides: []}}\nfigure_folds: []\nfigures: {}\n")
+    process = subprocess.Popen([sys.executable, "-m", "cfae.study", "--config", "plan.yaml", "--jobs", "2",
+                                "--output-dir", "out", "--", *LONG], cwd=tmp_path, env=environment(data_root),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def runs() -> dict:
+        return {r.data.tags["cfae.key"].split("/")[0]: r for r in mlflow_runs(tmp_path)}
+
+    def both_trained_an_epoch() -> bool:  # or the study ended: then its output says why
+        return process.poll() is not None or len(list(tmp_path.glob("out/pair/*/*/*/checkpoints/last.ckpt"))) == 2
+
+    wait_for(both_trained_an_epoch, what="both first epochs")
+    assert process.poll() is None, process.communicate()[0][-3000:]
+    os.kill(int(runs()["autorec"].data.tags["cfae.process"].split(":")[1]), signal.SIGKILL)  # as the OOM killer
+    wait_for(lambda: "svd" in runs() and runs()["svd"].info.status == "FINISHED", what="a new worker to run svd")
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "autorec/80-20/fold0 failed: its process died (exit code -9)" in output
+    closed = runs()
+    assert {row: r.info.status for row, r in closed.items()} == {"autorec": "FAILED", "denoising": "KILLED",
+                                                                 "svd": "FINISHED"}
+    killed = closed["autorec"].data.tags["cfae.process"]  # marked by the next run the store saw: svd's
+    assert closed["autorec"].data.tags["error"].startswith(f"its process ({killed}) ended without closing it")
+    assert closed["denoising"].data.tags["error"] == "interrupted (SIGTERM)"
+    assert all(has_died(r.data.tags["cfae.process"]) for r in closed.values())  # no worker left running
+
+
+@pytest.mark.slow
 def test_a_run_killed_in_its_first_minute_can_resume_and_is_marked_failed_by_the_next_touch(data_root, tmp_path):
     process = start("train.py", tmp_path, data_root, *LONG)
     wait_for(lambda: last_checkpoints(tmp_path), what="the first epoch's last.ckpt")

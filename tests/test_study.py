@@ -2,6 +2,7 @@
 
 import csv
 import math
+import os
 from datetime import datetime, timezone
 
 import pytest
@@ -87,6 +88,29 @@ def test_a_run_counts_as_done_only_with_the_same_settings(mini_study, capsys):
     with pytest.raises(SystemExit):
         study.main([*options, "--dry-run", "--only", "mf/*", *overrides])
     assert "--only mf/*: no run of" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_runs_at_a_time_give_the_runs_and_results_of_one_at_a_time(mini_study, data_root, tmp_path):
+    src, argv, client = mini_study
+    options = argv[:argv.index("--")]
+    only = ["--only", "autorec/80-20/*,svd/80-20/fold0,fig3_latent_size/*"]
+    assert study.main([*options, *only, "--jobs", "2", "--", *overrides(data_root, tmp_path)]) == 0
+
+    def results(client):
+        runs = client.search_runs([client.get_experiment_by_name("cfae").experiment_id], "tags.`cfae.study` = 'mini'")
+        return {r.data.tags["cfae.key"]: (r.info.status, r.data.tags["cfae.config"], r.data.metrics["test/rmse"],
+                                          r.data.tags["cfae.process"].split(":")[1]) for r in runs}
+
+    parallel, in_turn = results(MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")), results(client)
+    assert sorted(parallel) == ["autorec/80-20/fold0", "autorec/80-20/fold1", "fig3_latent_size/fold0/hidden=32",
+                                "fig3_latent_size/fold0/hidden=8", "svd/80-20/fold0"]
+    for key, (status, digest, rmse, _) in parallel.items():  # the same settings, one thread instead of all
+        assert status == "FINISHED" and digest == in_turn[key][1]
+        assert rmse == pytest.approx(in_turn[key][2], abs=1e-4), key
+    pids = {pid for *_, pid in parallel.values()}
+    assert len(pids) == 2 and str(os.getpid()) not in pids  # two worker processes, neither of them this one
+    assert study.main([*options, *only, "--jobs", "2", "--", *overrides(data_root, tmp_path)]) == 0  # all done
 
 
 def test_the_report_has_every_row_with_intervals_and_all_six_figures(mini_study):
