@@ -200,6 +200,9 @@ def run_in_parallel(todo: list[tuple[Run, DictConfig]], jobs: int) -> list[str]:
     workers = {slot: start_worker(slot) for slot in range(jobs)}
     running: dict[int, str] = {}  # worker pid -> key of its run
     failed, finished, start = [], 0, time.perf_counter()
+    # Runs still queued when the study is stopped are never read: without this, exiting would wait for ever
+    # to push them into a pipe no worker reads.
+    tasks.cancel_join_thread()
     with forwarded_signals(workers):
         while workers:
             try:

@@ -206,8 +206,11 @@ def test_sigterm_or_ctrl_c_saves_the_state_ends_the_run_killed_and_exits_non_zer
 def test_a_study_running_two_at_a_time_survives_a_killed_worker_and_stops_every_run_on_sigterm(data_root, tmp_path):
     from cfae.processes import has_died
 
+    sizes = ", ".join(str(n) for n in range(8, 48))  # 40 runs still queued when it is stopped: more than a pipe holds
     (tmp_path / "plan.yaml").write_text("name: pair\nfolds: [0]\nrows: [autorec, denoising, svd]\n"
-                                        "protocols: {'80-20': {overrides: []}}\nfigure_folds: []\nfigures: {}\n")
+                                        "protocols: {'80-20': {overrides: []}}\nfigure_folds: [0]\n"
+                                        f"figures: {{fig3_latent_size: {{experiment: autorec, knob: hidden, "
+                                        f"values: [{sizes}]}}}}\n")
     process = subprocess.Popen([sys.executable, "-m", "cfae.study", "--config", "plan.yaml", "--jobs", "2",
                                 "--output-dir", "out", "--", *LONG], cwd=tmp_path, env=environment(data_root),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -221,17 +224,19 @@ def test_a_study_running_two_at_a_time_survives_a_killed_worker_and_stops_every_
     wait_for(both_trained_an_epoch, what="both first epochs")
     assert process.poll() is None, process.communicate()[0][-3000:]
     os.kill(int(runs()["autorec"].data.tags["cfae.process"].split(":")[1]), signal.SIGKILL)  # as the OOM killer
-    wait_for(lambda: "svd" in runs() and runs()["svd"].info.status == "FINISHED", what="a new worker to run svd")
+    wait_for(lambda: "fig3_latent_size" in runs(), what="a new worker to run svd, then the next run")
+    assert runs()["svd"].info.status == "FINISHED"
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "autorec/80-20/fold0 failed: its process died (exit code -9)" in output
     closed = runs()
     assert {row: r.info.status for row, r in closed.items()} == {"autorec": "FAILED", "denoising": "KILLED",
-                                                                 "svd": "FINISHED"}
+                                                                 "svd": "FINISHED", "fig3_latent_size": "KILLED"}
     killed = closed["autorec"].data.tags["cfae.process"]  # marked by the next run the store saw: svd's
     assert closed["autorec"].data.tags["error"].startswith(f"its process ({killed}) ended without closing it")
-    assert closed["denoising"].data.tags["error"] == "interrupted (SIGTERM)"
+    assert closed["denoising"].data.tags["error"] == closed["fig3_latent_size"].data.tags["error"] == (
+        "interrupted (SIGTERM)")  # and the new worker's next run
     assert all(has_died(r.data.tags["cfae.process"]) for r in closed.values())  # no worker left running
 
 
