@@ -5,6 +5,7 @@
     python -m cfae.study --dry-run                         # list the runs and what is already done
     python -m cfae.study --config conf/study_kernels.yaml --only 'kernel_autorec/90-10/*'   # some runs only
     python -m cfae.study --jobs 2                          # two runs at a time, one core (or one GPU) each
+    python -m cfae.study --only '*/80-20/*,fig*' --skip 'study_*'   # the 80:20 table and figures, tuned rows
 
 Each run is what `python train.py +experiment=<row> data.fold=<k> <overrides>` would do, run in this
 process, and becomes an MLflow run tagged `cfae.study=<name>`, `cfae.key=<what it is>` (for example
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="the study's name in MLflow (default: the plan's)")
     parser.add_argument("--folds", help="comma-separated folds (default: the plan's)")
     parser.add_argument("--only", help="comma-separated patterns of run keys, e.g. 'kernel_autorec/90-10/*'")
+    parser.add_argument("--skip", help="comma-separated patterns of run keys to leave out, e.g. 'study_*'")
     parser.add_argument("--output-dir", default="outputs/study", help="checkpoints and configs, per run")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time, each in its own process with an equal share of the cores (default 1)")
@@ -127,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or study.name
     runs = plan(study, [int(f) for f in args.folds.split(",")] if args.folds else None)
     if args.only:
-        patterns = args.only.split(",")
-        runs = [r for r in runs if any(fnmatch.fnmatchcase(r.key, p) for p in patterns)]
+        runs = [r for r in runs if matches(r.key, args.only)]
         if not runs:
             parser.error(f"--only {args.only}: no run of {args.config} has a key like that")
+    if args.skip:
+        runs = [r for r in runs if not matches(r.key, args.skip)]
     command = shlex.join(["python", "-m", "cfae.study", *(argv if argv is not None else sys.argv[1:])])
     configs = [compose_run(r, name, args.overrides, Path(args.output_dir) / name, command) for r in runs]
     with reported_in_one_line():  # a bad value is refused before the first run, not in every run
@@ -151,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     log.info("study %r: %d runs in %.1f min, %d failed%s", name, len(todo), (time.perf_counter() - start) / 60,
              len(failed), f": {', '.join(failed)}" if failed else "")
     return 1 if failed else 0
+
+
+def matches(key: str, patterns: str) -> bool:
+    """Whether a run key matches one of comma-separated shell patterns."""
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns.split(","))
 
 
 def progress(done: int, total: int, start: float) -> str:

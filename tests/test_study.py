@@ -85,6 +85,9 @@ def test_a_run_counts_as_done_only_with_the_same_settings(mini_study, capsys):
     assert study.main([*options, "--dry-run", "--only", "autorec/*/fold1,vae/80-20/*", *overrides]) == 0
     keys = [line.split()[1] for line in capsys.readouterr().out.splitlines()]
     assert keys == ["vae/80-20/fold0", "autorec/80-20/fold1", "vae/80-20/fold1", "autorec/90-10/fold1"]  # plan order
+    skip = ["--skip", "autorec/*,svd/*,deep*"]
+    assert study.main([*options, "--dry-run", "--only", "*/80-20/*", *skip, *overrides]) == 0
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["vae/80-20/fold0", "vae/80-20/fold1"]
     with pytest.raises(SystemExit):
         study.main([*options, "--dry-run", "--only", "mf/*", *overrides])
     assert "--only mf/*: no run of" in capsys.readouterr().err
