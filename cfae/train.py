@@ -86,20 +86,24 @@ def claimed(output_dir: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
+def sigterm_raises() -> Iterator[list[signal.Signals]]:
     """SIGTERM raises SIGTERMException, as Ctrl-C raises KeyboardInterrupt, so that a run stopped while it
     loads data, tests or ranks ends like one stopped while it trains. (While it trains, LastCheckpoint's
-    handler stops it at the end of the batch instead.)"""
+    handler stops it at the end of the batch instead.) Yields the list of SIGTERMs received: the exception
+    raised in the middle of other code can be replaced by one that code raises while it unwinds (a `finally`
+    restoring OmegaConf's flags, say), and the run was still stopped by the signal."""
+    received: list[signal.Signals] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
 
     def handler(signum, frame) -> None:
+        received.append(signal.Signals(signum))
         raise SIGTERMException(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -220,7 +224,7 @@ def fit(cfg: DictConfig) -> Trained:
     if cfg.get("logger"):
         mlflow_client(tracking_uri(cfg.logger.uri), cfg.logger.experiment_name)  # the store answers and exists
     output_dir = Path(cfg.output_dir)
-    with claimed(output_dir), sigterm_raises():
+    with claimed(output_dir), sigterm_raises() as sigterms:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         if cfg.get("threads"):
             torch.set_num_threads(cfg.threads)
@@ -245,7 +249,7 @@ def fit(cfg: DictConfig) -> Trained:
             with beating:
                 metrics = fit_and_test(cfg, model, datamodule, logger, last, trial)
         except BaseException as err:
-            signum = interruption(err, last)
+            signum = interruption(err, last) or (sigterms[0] if sigterms else None)
             if logger:
                 end_run(logger, err, signum)
             if signum is not None:

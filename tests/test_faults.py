@@ -290,6 +290,24 @@ def test_a_store_that_stops_taking_writes_does_not_stop_the_training_nor_lose_it
     assert len(history) == 5  # every epoch's value arrived, late or not
 
 
+def test_a_sigterm_whose_exception_is_replaced_on_the_way_out_still_ends_the_run_killed(data_root, tmp_path,
+                                                                                         monkeypatch):
+    import cfae.train
+
+    def stopped_then_unwinding_badly(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises SIGTERMException here
+        finally:
+            raise AttributeError("'NoneType' object has no attribute '_invalidate_flags_cache'")  # OmegaConf's
+
+    monkeypatch.setattr(cfae.train, "fit_and_test", stopped_then_unwinding_badly)
+    with pytest.raises(SystemExit) as exit_:
+        cfae.train.fit(compose(data_root, tmp_path))
+    assert exit_.value.code == 128 + signal.SIGTERM
+    (r,) = mlflow_runs(tmp_path)
+    assert r.info.status == "KILLED" and r.data.tags["error"] == "interrupted (SIGTERM)"
+
+
 # --- bad values, refused before anything runs ------------------------------------------------------------------
 BAD = {
     "hidden=0": "hidden=0: must be an integer >= 1",
