@@ -207,30 +207,34 @@ def run_in_parallel(todo: list[tuple[Run, DictConfig]], jobs: int) -> list[str]:
 
     workers = {slot: start_worker(slot) for slot in range(jobs)}
     running: dict[int, str] = {}  # worker pid -> key of its run
-    failed, finished, start = [], 0, time.perf_counter()
+    started, failed, finished, start = set(), [], 0, time.perf_counter()
     # Runs still queued when the study is stopped are never read: without this, exiting would wait for ever
     # to push them into a pipe no worker reads.
     tasks.cancel_join_thread()
     with forwarded_signals(workers):
-        while workers:
+        while finished < len(todo):
             try:
                 pid, key, outcome = results.get(timeout=1)
             except queue.Empty:
+                if not workers:  # every worker has exited and said all it had to say
+                    break
                 for slot, worker in list(workers.items()):
                     if worker.is_alive():
                         continue
                     del workers[slot]
                     key = running.pop(worker.pid, None)
-                    if key is not None:  # died during a run; its stop sign is still queued for a new worker
+                    if worker.exitcode == 0:  # took its stop sign after its last run
+                        continue
+                    if key is not None:  # killed during a run
                         log.error("%s failed: its process died (exit code %s)", key, worker.exitcode)
                         failed.append(key)
                         finished += 1
-                        workers[slot] = start_worker(slot)
+                    workers[slot] = start_worker(slot)  # takes the stop sign the dead one left
                 continue
             if outcome is None:
                 running[pid] = key
-                log.info("[%d/%d] %s started (%s)", finished + len(running), len(todo), key,
-                         progress(finished, len(todo), start))
+                started.add(key)
+                log.info("[%d/%d] %s started (%s)", len(started), len(todo), key, progress(finished, len(todo), start))
                 continue
             running.pop(pid, None)
             finished += 1
@@ -239,7 +243,10 @@ def run_in_parallel(todo: list[tuple[Run, DictConfig]], jobs: int) -> list[str]:
                 failed.append(key)
             else:
                 log.info("%s done in %.0f s: test RMSE %.4f", key, outcome[FIT_SECONDS], outcome[TEST_RMSE])
-    return failed
+    never = [run.key for run, _ in todo if run.key not in started]
+    if never:  # a worker died between taking a run and starting it
+        log.error("%d runs were never started: %s", len(never), ", ".join(never))
+    return failed + never
 
 
 @contextlib.contextmanager
