@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--only {args.only}: no run of {args.config} has a key like that")
     if args.skip:
         runs = [r for r in runs if not matches(r.key, args.skip)]
+        if not runs:
+            parser.error(f"--skip {args.skip}: it leaves no run of {args.config} to run")
     command = shlex.join(["python", "-m", "cfae.study", *(argv if argv is not None else sys.argv[1:])])
     configs = [compose_run(r, name, args.overrides, Path(args.output_dir) / name, command) for r in runs]
     with reported_in_one_line():  # a bad value is refused before the first run, not in every run

@@ -91,6 +91,9 @@ def test_a_run_counts_as_done_only_with_the_same_settings(mini_study, capsys):
     with pytest.raises(SystemExit):
         study.main([*options, "--dry-run", "--only", "mf/*", *overrides])
     assert "--only mf/*: no run of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study.main([*options, "--dry-run", "--only", "vae/*", "--skip", "*/80-20/*", *overrides])
+    assert "--skip */80-20/*: it leaves no run of" in capsys.readouterr().err
 
 
 @pytest.mark.slow
