@@ -8,8 +8,9 @@
     python -m cfae.study --only '*/80-20/*,fig*' --skip 'study_*'   # the 80:20 table and figures, tuned rows
 
 Each run is what `python train.py +experiment=<row> data.fold=<k> <overrides>` would do, run in this
-process, and becomes an MLflow run tagged `cfae.study=<name>`, `cfae.key=<what it is>` (for example
-`deep/80-20/fold3` or `fig3_latent_size/fold0/hidden=300`), `cfae.protocol` and `cfae.figure`. A run is
+process (with `--jobs`, in worker processes), and becomes an MLflow run tagged `cfae.study=<name>`,
+`cfae.key=<what it is>` (for example `deep/80-20/fold3` or `fig3_latent_size/fold0/hidden=300`),
+`cfae.protocol` and `cfae.figure`. A run is
 done when the study has a FINISHED run with the same key and the same resolved configuration (the run's
 `cfae.config` digest: dataset, split, model, optimizer, trainer, ...), so a study that dies resumes where it
 stopped and changed settings are run anew; a run that fails is recorded (FAILED, with its error) and the
@@ -185,104 +186,123 @@ def run_in_turn(todo: list[tuple[Run, DictConfig]]) -> list[str]:
 def run_in_parallel(todo: list[tuple[Run, DictConfig]], jobs: int) -> list[str]:
     """The runs `jobs` at a time, each worker process with cores // jobs threads and, where there are GPUs,
     one of them; the keys of those that failed. A worker that dies (killed, out of memory) fails its run and
-    is replaced. Ctrl-C or SIGTERM stops every run as train.py stops one (state saved, MLflow run KILLED)."""
+    is replaced. Ctrl-C, SIGTERM or SIGHUP stops every run as train.py stops one (state saved, MLflow run
+    KILLED) and takes no more."""
     import torch
 
     jobs = min(jobs, len(todo))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads, n_gpus = max(1, cores // jobs), torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # the GPUs this study may use, as the study was given them
+    gpus = visible.split(",")[:n_gpus] if visible else [str(i) for i in range(n_gpus)]
     context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch thread pools
-    tasks, results = context.Queue(), context.Queue()
+    tasks, results, stopping = context.Queue(), context.Queue(), context.Event()
     for run, cfg in todo:
         with open_dict(cfg):
             cfg.threads = cfg.get("threads") or threads
             cfg.trainer.enable_progress_bar = False  # one progress line per run from here instead
         tasks.put((run.key, cfg))
-    for _ in range(jobs):
-        tasks.put(None)  # one stop sign per worker
-
-    def start_worker(slot: int):
-        gpu = slot % n_gpus if n_gpus else None
-        worker = context.Process(target=work, args=(tasks, results, gpu), name=f"cfae-study-{slot}")
-        worker.start()
-        return worker
-
-    workers = {slot: start_worker(slot) for slot in range(jobs)}
-    running: dict[int, str] = {}  # worker pid -> key of its run
-    started, failed, finished, start = set(), [], 0, time.perf_counter()
     # Runs still queued when the study is stopped are never read: without this, exiting would wait for ever
     # to push them into a pipe no worker reads.
     tasks.cancel_join_thread()
-    with forwarded_signals(workers):
-        while finished < len(todo):
+    workers: dict[int, multiprocessing.Process] = {}
+
+    def start_worker(slot: int) -> None:
+        tasks.put(None)  # its stop sign, behind every run (a spare one, left by a worker that died, is harmless)
+        gpu = gpus[slot % len(gpus)] if gpus else None
+        workers[slot] = context.Process(target=work, args=(tasks, results, stopping, gpu), name=f"cfae-study-{slot}")
+        workers[slot].start()
+
+    running: dict[int, str] = {}  # worker pid -> key of its run
+    started, ended, failed, start = set(), set(), [], time.perf_counter()
+
+    def handle(pid: int, key: str, outcome) -> None:
+        if outcome is None:
+            running[pid] = key
+            started.add(key)
+            log.info("[%d/%d] %s started (%s)", len(started), len(todo), key, progress(len(ended), len(todo), start))
+            return
+        running.pop(pid, None)
+        ended.add(key)
+        if isinstance(outcome, str):
+            log.error("%s failed: %s", key, outcome)
+            failed.append(key)
+        else:
+            log.info("%s done in %.0f s: test RMSE %.4f", key, outcome[FIT_SECONDS], outcome[TEST_RMSE])
+
+    with stopped_together(workers, stopping):
+        for slot in range(jobs):
+            start_worker(slot)
+        restarts = 0
+        while len(ended) < len(todo):
             try:
-                pid, key, outcome = results.get(timeout=1)
+                handle(*results.get(timeout=1))
+                continue
             except queue.Empty:
-                if not workers:  # every worker has exited and said all it had to say
-                    break
-                for slot, worker in list(workers.items()):
-                    if worker.is_alive():
-                        continue
-                    del workers[slot]
-                    key = running.pop(worker.pid, None)
-                    if worker.exitcode == 0:  # took its stop sign after its last run
-                        continue
-                    if key is not None:  # killed during a run
-                        log.error("%s failed: its process died (exit code %s)", key, worker.exitcode)
-                        failed.append(key)
-                        finished += 1
-                    workers[slot] = start_worker(slot)  # takes the stop sign the dead one left
-                continue
-            if outcome is None:
-                running[pid] = key
-                started.add(key)
-                log.info("[%d/%d] %s started (%s)", len(started), len(todo), key, progress(finished, len(todo), start))
-                continue
-            running.pop(pid, None)
-            finished += 1
-            if isinstance(outcome, str):
-                log.error("%s failed: %s", key, outcome)
-                failed.append(key)
-            else:
-                log.info("%s done in %.0f s: test RMSE %.4f", key, outcome[FIT_SECONDS], outcome[TEST_RMSE])
+                pass
+            dead = [(slot, w) for slot, w in workers.items() if not w.is_alive()]
+            with contextlib.suppress(queue.Empty):  # what the dead said before they died comes first
+                while True:
+                    handle(*results.get_nowait())
+            for slot, worker in dead:
+                del workers[slot]
+                key = running.pop(worker.pid, None)
+                if worker.exitcode == 0:  # took its stop sign after its last run
+                    continue
+                if key is not None and key not in ended:  # killed during a run
+                    log.error("%s failed: its process died (exit code %s)", key, worker.exitcode)
+                    ended.add(key)
+                    failed.append(key)
+                if restarts < len(todo):  # not for ever if workers die on their own, before any run
+                    restarts += 1
+                    start_worker(slot)
+            if not workers:
+                break
     never = [run.key for run, _ in todo if run.key not in started]
     if never:  # a worker died between taking a run and starting it
         log.error("%d runs were never started: %s", len(never), ", ".join(never))
-    return failed + never
+    return failed + [key for key in never if key not in failed]
 
 
 @contextlib.contextmanager
-def forwarded_signals(workers: dict) -> Iterator[None]:
-    """Ctrl-C or SIGTERM stops the workers' runs (each saves its state and ends KILLED), then the study."""
+def stopped_together(workers: dict, stopping) -> Iterator[None]:
+    """Ctrl-C, SIGTERM or SIGHUP (once; more are ignored) stops the workers' runs, each saving its state and
+    ending KILLED, then the study; so does an error in the study itself. The workers are waited for."""
 
     def stop(signum, frame) -> None:
+        for s in handled:
+            signal.signal(s, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, stop) for s in handled}
+    try:
+        yield
+    except BaseException:
+        stopping.set()  # take no more runs
         for worker in workers.values():
             if worker.is_alive():
                 os.kill(worker.pid, signal.SIGTERM)
+        raise
+    finally:
         for worker in workers.values():
             worker.join()
-        raise SystemExit(128 + signum)
-
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
-def work(tasks, results, gpu: int | None) -> None:
-    """A worker process: runs (key, cfg) from `tasks` until a stop sign, telling `results` when each starts
-    (pid, key, None) and how it ended: (pid, key, metrics) or (pid, key, "the error")."""
+def work(tasks, results, stopping, gpu: str | None) -> None:
+    """A worker process: runs (key, cfg) from `tasks` until a stop sign or the study's stop, telling
+    `results` when each starts (pid, key, None) and how it ended: (pid, key, metrics) or (pid, key, "error")."""
     os.setpgrp()  # out of the terminal's process group: Ctrl-C reaches the study, which stops each run once
     if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before CUDA starts in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before CUDA starts in this process
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(name)s] %(message)s")
     quiet_benchmark()  # the study prints each run's start and end; a worker only its warnings and errors
     logging.getLogger("cfae").setLevel(logging.WARNING)
     study = os.getppid()
     for key, cfg in iter(tasks.get, None):
-        if os.getppid() != study:  # the study was killed outright: take no more runs
+        if stopping.is_set() or os.getppid() != study:  # stopped, or the study was killed outright
             return
         if cfg.keep_freed_memory:
             keep_freed_memory()

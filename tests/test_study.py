@@ -115,8 +115,9 @@ def test_two_runs_at_a_time_give_the_runs_and_results_of_one_at_a_time(mini_stud
         assert status == "FINISHED" and digest == in_turn[key][1]
         assert rmse == pytest.approx(in_turn[key][2], abs=1e-4), key
     pids = {pid for *_, pid in parallel.values()}
-    assert len(pids) == 2 and str(os.getpid()) not in pids  # two worker processes, neither of them this one
-    assert study.main([*options, *only, "--jobs", "2", "--", *overrides(data_root, tmp_path)]) == 0  # all done
+    assert len(pids) <= 2 and str(os.getpid()) not in pids  # worker processes, none of them this one
+    assert study.main([*options, *only, "--jobs", "2", "--", *overrides(data_root, tmp_path)]) == 0  # all done:
+    assert results(MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")) == parallel  # nothing run again
 
 
 def test_the_report_has_every_row_with_intervals_and_all_six_figures(mini_study):
