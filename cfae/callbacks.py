@@ -93,6 +93,7 @@ class LastCheckpoint(Checkpoint):
         self.path, self.every_s = Path(path), every_s
         self.saved_at: float | None = None
         self.interrupt: signal.Signals | None = None  # the signal that stopped the training, if one did
+        self.interrupted_at: float | None = None
 
     def save(self, trainer) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +110,7 @@ class LastCheckpoint(Checkpoint):
             if self.interrupt is not None:  # asked twice: now
                 raise KeyboardInterrupt if signum == signal.SIGINT else SIGTERMException(128 + signum)
             self.interrupt, trainer.should_stop = signal.Signals(signum), True
+            self.interrupted_at = time.monotonic()
             log.warning("%s: stopping after this batch, saving the training state", signal.Signals(signum).name)
 
         # Replaces Lightning's own SIGTERM handler for the rest of the fit, which would raise in the middle of
@@ -124,6 +126,13 @@ class LastCheckpoint(Checkpoint):
         if self.interrupt or self.saved_at is None or time.monotonic() - self.saved_at >= self.every_s:
             self.save(trainer)
         if self.interrupt:
+            log.info("training state saved to %s: go on with resume=%s", self.path, self.path)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # A signal that came after this epoch's save but before the next epoch began ends the fit with no
+        # epoch left to save it: save here, at the same epoch boundary.
+        if self.interrupt and (self.saved_at is None or self.saved_at < self.interrupted_at):
+            self.save(trainer)
             log.info("training state saved to %s: go on with resume=%s", self.path, self.path)
 
 
