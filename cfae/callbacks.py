@@ -91,9 +91,8 @@ class LastCheckpoint(Checkpoint):
 
     def __init__(self, path: Path, every_s: float):
         self.path, self.every_s = Path(path), every_s
-        self.saved_at: float | None = None
+        self.saved_at: float | None = None  # None: nothing saved yet, or since the signal
         self.interrupt: signal.Signals | None = None  # the signal that stopped the training, if one did
-        self.interrupted_at: float | None = None
 
     def save(self, trainer) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +109,7 @@ class LastCheckpoint(Checkpoint):
             if self.interrupt is not None:  # asked twice: now
                 raise KeyboardInterrupt if signum == signal.SIGINT else SIGTERMException(128 + signum)
             self.interrupt, trainer.should_stop = signal.Signals(signum), True
-            self.interrupted_at = time.monotonic()
+            self.saved_at = None  # nothing saved since the signal
             log.warning("%s: stopping after this batch, saving the training state", signal.Signals(signum).name)
 
         # Replaces Lightning's own SIGTERM handler for the rest of the fit, which would raise in the middle of
@@ -131,7 +130,7 @@ class LastCheckpoint(Checkpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         # A signal that came after this epoch's save but before the next epoch began ends the fit with no
         # epoch left to save it: save here, at the same epoch boundary.
-        if self.interrupt and (self.saved_at is None or self.saved_at < self.interrupted_at):
+        if self.interrupt and self.saved_at is None:
             self.save(trainer)
             log.info("training state saved to %s: go on with resume=%s", self.path, self.path)
 
