@@ -81,8 +81,12 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu}, {cores} cores, {gpu}"
+    return f"{cpu}, {usable_cores()} cores, {gpu}"
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the OS says), not all the machine has."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def device_clock(device=None) -> float:

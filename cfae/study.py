@@ -45,7 +45,7 @@ from cfae.checks import check_config, reported_in_one_line
 from cfae.configs import CONF, compose
 from cfae.console import quiet_benchmark, quiet_libraries
 from cfae.metrics import FIT_SECONDS, TEST_RMSE
-from cfae.processes import keep_freed_memory
+from cfae.processes import keep_freed_memory, usable_cores
 from cfae.tracking import config_digest, finished_study_runs, mlflow_client
 from cfae.train import train
 
@@ -191,8 +191,7 @@ def run_in_parallel(todo: list[tuple[Run, DictConfig]], jobs: int) -> list[str]:
     import torch
 
     jobs = min(jobs, len(todo))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads, n_gpus = max(1, cores // jobs), torch.cuda.device_count()
+    threads, n_gpus = max(1, usable_cores() // jobs), torch.cuda.device_count()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # the GPUs this study may use, as the study was given them
     gpus = visible.split(",")[:n_gpus] if visible else [str(i) for i in range(n_gpus)]
     context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch thread pools
