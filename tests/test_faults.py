@@ -211,30 +211,36 @@ def test_a_study_running_two_at_a_time_survives_a_killed_worker_and_stops_every_
                                         "protocols: {'80-20': {overrides: []}}\nfigure_folds: [0]\n"
                                         f"figures: {{fig3_latent_size: {{experiment: autorec, knob: hidden, "
                                         f"values: [{sizes}]}}}}\n")
-    process = subprocess.Popen([sys.executable, "-m", "cfae.study", "--config", "plan.yaml", "--jobs", "2",
-                                "--output-dir", "out", "--", *LONG], cwd=tmp_path, env=environment(data_root),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "study.log"  # read while it runs: each step waits for what the study says it did
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "cfae.study", "--config", "plan.yaml", "--jobs", "2",
+                                    "--output-dir", "out", "--", *LONG], cwd=tmp_path, env=environment(data_root),
+                                   stdout=out, stderr=subprocess.STDOUT, text=True)
+
+    def said() -> str:
+        return log.read_text()
+
+    def until(condition, what: str) -> None:  # or the study ended: then its log says why
+        wait_for(lambda: process.poll() is not None or condition(), what=what)
+        assert process.poll() is None, f"the study ended before {what}:\n{said()[-3000:]}"
 
     def runs() -> dict:
         return {r.data.tags["cfae.key"].split("/")[0]: r for r in mlflow_runs(tmp_path)}
 
-    def both_trained_an_epoch() -> bool:  # or the study ended: then its output says why
-        return process.poll() is not None or len(list(tmp_path.glob("out/pair/*/*/*/checkpoints/last.ckpt"))) == 2
-
-    wait_for(both_trained_an_epoch, what="both first epochs")
-    assert process.poll() is None, process.communicate()[0][-3000:]
+    until(lambda: len(list(tmp_path.glob("out/pair/*/*/*/checkpoints/last.ckpt"))) == 2, "both first epochs")
+    assert " failed: " not in said(), said()[-3000:]  # both still running
     os.kill(int(runs()["autorec"].data.tags["cfae.process"].split(":")[1]), signal.SIGKILL)  # as the OOM killer
-    wait_for(lambda: list(tmp_path.glob("out/pair/fig3_latent_size/*/*/checkpoints/last.ckpt")),
-             what="a new worker to run svd, then an epoch of the next run")  # one stopped while it starts is
-    # closed by the next touch of the store, not by itself (see the run killed in its first minute)
-    assert runs()["svd"].info.status == "FINISHED"
+    until(lambda: "autorec/80-20/fold0 failed: its process died (exit code -9)" in said(), "the death reported")
+    until(lambda: list(tmp_path.glob("out/pair/fig3_latent_size/*/*/checkpoints/last.ckpt")),
+          "a new worker to run svd, then an epoch of the next run")  # one stopped while it starts is closed by
+    # the next touch of the store, not by itself (see the run killed in its first minute)
+    assert runs()["svd"].info.status == "FINISHED", said()[-3000:]
     process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=120)[0]
-    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
-    assert "autorec/80-20/fold0 failed: its process died (exit code -9)" in output
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, said()[-3000:]
     closed = runs()
     assert {row: r.info.status for row, r in closed.items()} == {"autorec": "FAILED", "denoising": "KILLED",
-                                                                 "svd": "FINISHED", "fig3_latent_size": "KILLED"}
+                                                                 "svd": "FINISHED", "fig3_latent_size": "KILLED"}, (
+        said()[-3000:])
     killed = closed["autorec"].data.tags["cfae.process"]  # marked by the next run the store saw: svd's
     assert closed["autorec"].data.tags["error"].startswith(f"its process ({killed}) ended without closing it")
     assert closed["denoising"].data.tags["error"] == closed["fig3_latent_size"].data.tags["error"] == (
