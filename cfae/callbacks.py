@@ -100,6 +100,8 @@ class LastCheckpoint(Checkpoint):
         trainer.save_checkpoint(partial)
         os.replace(partial, self.path)
         self.saved_at = time.monotonic()
+        if self.interrupt:
+            log.info("training state saved to %s: go on with resume=%s", self.path, self.path)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -124,15 +126,12 @@ class LastCheckpoint(Checkpoint):
     def on_train_epoch_end(self, trainer, pl_module) -> None:  # after validation: a whole epoch to resume from
         if self.interrupt or self.saved_at is None or time.monotonic() - self.saved_at >= self.every_s:
             self.save(trainer)
-        if self.interrupt:
-            log.info("training state saved to %s: go on with resume=%s", self.path, self.path)
 
     def on_train_end(self, trainer, pl_module) -> None:
         # A signal that came after this epoch's save but before the next epoch began ends the fit with no
         # epoch left to save it: save here, at the same epoch boundary.
         if self.interrupt and self.saved_at is None:
             self.save(trainer)
-            log.info("training state saved to %s: go on with resume=%s", self.path, self.path)
 
 
 class TrialReporting(Callback):
