@@ -62,6 +62,7 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str], str]] = [
     ("noise", fraction, "the fraction of input ratings dropped; null: the model's default"),
     ("seed", count, ""),
     ("patience", positive_int, "epochs without a better val/rmse before early stopping"),
+    ("refit", (lambda x: isinstance(x, bool), "true or false"), ""),
     ("checkpoint_every_s", non_negative, "seconds between full checkpoints; 0: every epoch"),
     ("trainer.max_epochs", positive_int, ""),
     ("data.batch_size", positive_int, ""),

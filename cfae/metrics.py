@@ -12,6 +12,8 @@ VAL_RMSE_BEST = "val/rmse_best"  # the best so far: what sweeps minimise
 TEST_RMSE = "test/rmse"  # once, on the best checkpoint; it chooses nothing
 FIT_SECONDS = "time/fit_s"  # wall time of training, validation included
 EPOCHS = "epochs"
+TEST_RMSE_BEFORE_REFIT = "test/rmse_before_refit"  # with refit=true: the validation-chosen model's
+REFIT_EPOCHS = "refit/epochs"  # with refit=true: the epochs trained anew on training + validation
 
 
 class MaskedRMSE(Metric):

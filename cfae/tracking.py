@@ -159,6 +159,9 @@ def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
 NOT_THE_RESULT = ("output_dir", "logger", "resume", "threads", "keep_freed_memory", "checkpoint_every_s",
                   "sweep", "choices", "trainer.enable_progress_bar", "data.root", "data.download",
                   "data.num_workers")
+# Top-level switches left out of the digest while they are off: a run with one off computes what a run
+# without the switch computes, so a store's runs keep counting as done.
+OFF_IS_THE_RESULT = {"refit": False}
 
 
 def config_digest(cfg: DictConfig) -> str:
@@ -171,6 +174,9 @@ def config_digest(cfg: DictConfig) -> str:
         for parent in parents:
             node = node.get(parent) or {}
         node.pop(leaf, None)
+    for key, off in OFF_IS_THE_RESULT.items():
+        if config.get(key) == off:
+            config.pop(key)
     resolved = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
     return hashlib.sha256(OmegaConf.to_yaml(resolved).encode()).hexdigest()[:16]
 

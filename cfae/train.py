@@ -30,7 +30,7 @@ from cfae import serving
 from cfae.callbacks import LastCheckpoint, TrialReporting
 from cfae.checks import ConfigError, UsageError, check_against_data, check_config
 from cfae.configs import register_resolvers, with_model_defaults
-from cfae.metrics import EPOCHS, FIT_SECONDS, TEST_RMSE, VAL_RMSE, VAL_RMSE_BEST
+from cfae.metrics import EPOCHS, FIT_SECONDS, REFIT_EPOCHS, TEST_RMSE, TEST_RMSE_BEFORE_REFIT, VAL_RMSE, VAL_RMSE_BEST
 from cfae.processes import machine
 from cfae.ranking import evaluate_ranking
 from cfae.recommender import ARTIFACT, Recommender
@@ -240,7 +240,13 @@ def fit(cfg: DictConfig) -> Trained:
         if model.closed_form and cfg.get("resume"):
             raise ConfigError(f"resume={cfg.resume}: {type(model).__name__} is solved in closed form; "
                               f"there is no training to resume")
+        if model.closed_form and cfg.get("refit"):
+            raise ConfigError(f"refit=true: {type(model).__name__} is solved in closed form; validation "
+                              f"chooses no epochs for it to train again")
         sweep = cfg.get("sweep") or {}
+        if sweep.get("trial") is not None and cfg.get("refit"):
+            raise ConfigError("refit=true in a sweep: trials are compared on validation, which refitting does "
+                              "not change; refit the chosen configuration with train.py")
         trial, beating = None, contextlib.nullcontext()
         if sweep.get("trial") is not None:  # report every epoch; with no pruner that only records the curve
             pruner = instantiate(sweep.pruner) if sweep.get("pruner") else optuna.pruners.NopPruner()
@@ -251,7 +257,7 @@ def fit(cfg: DictConfig) -> Trained:
         try:
             logger = start_run(cfg, datamodule, digest)
             with beating:
-                metrics = fit_and_test(cfg, model, datamodule, logger, last, trial)
+                model, metrics = fit_and_test(cfg, model, datamodule, logger, last, trial)
         except BaseException as err:
             signum = interruption(err, last) or (sigterms[0] if sigterms else None)
             if logger:
@@ -264,8 +270,34 @@ def fit(cfg: DictConfig) -> Trained:
     return Trained(model, datamodule, metrics, logger.run_id if logger else None)
 
 
+def tested(cfg: DictConfig, model, datamodule, checkpoint: str) -> float:
+    """The test RMSE of `checkpoint`'s weights, logged nowhere."""
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False)
+    return float(trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)[0][TEST_RMSE])
+
+
+def refit(cfg: DictConfig, datamodule, best: str) -> tuple[L.LightningModule, str, int, float]:
+    """(model, its checkpoint, epochs, seconds): the model trained anew from the run's seed on the training and
+    validation parts together, for as many epochs as it took to reach its best validation epoch; nothing is
+    chosen during it. Its weights: <output_dir>/checkpoints/refit.ckpt."""
+    epochs = torch.load(best, map_location="cpu", weights_only=False)["epoch"] + 1  # the run's own file
+    merged = datamodule.with_validation_in_training()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = build_model(cfg, merged)
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], max_epochs=epochs, limit_val_batches=0,
+                          enable_checkpointing=False)
+    log.info("refit: %d epochs on the training and validation parts together", epochs)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=merged)
+    seconds = time.perf_counter() - start
+    path = Path(cfg.output_dir) / "checkpoints" / "refit.ckpt"
+    trainer.save_checkpoint(path, weights_only=True)
+    return model, str(path), epochs, seconds
+
+
 def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoint,
-                 trial: optuna.Trial | None) -> dict[str, float]:
+                 trial: optuna.Trial | None) -> tuple[L.LightningModule, dict[str, float]]:
+    """(the model tested, its metrics)."""
     output_dir = Path(cfg.output_dir)
     # The best weights at each improvement (weights only: 24 MB for ML-1M AutoRec, written in a third of the
     # time of the 72 MB full state); the full state for `resume` after the first epoch, then at most every
@@ -294,6 +326,10 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
     metrics = {OBJECTIVE: float(model.val_rmse_best.compute()), FIT_SECONDS: time.perf_counter() - start,
                EPOCHS: trainer.current_epoch}
     pruned = reporting is not None and reporting.pruned
+    if not pruned and cfg.get("refit"):  # the model tested, ranked and saved is then the one trained anew
+        metrics[TEST_RMSE_BEFORE_REFIT] = tested(cfg, model, datamodule, best)
+        model, best, metrics[REFIT_EPOCHS], seconds = refit(cfg, datamodule, best)
+        metrics[FIT_SECONDS] += seconds
     if not pruned:  # no test for a trial the sweep gave up on
         test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
         metrics[TEST_RMSE] = float(test[TEST_RMSE])
@@ -327,8 +363,8 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
         except (ValueError, RuntimeError) as err:  # failed meanwhile (its heartbeat seemed lost): keep the run
             log.warning("trial %d was already closed in the study (%s); its result stays in this run",
                         trial.number, err)
-    summary = "  ".join(f"{k}={metrics[k]:.4f}" for k in (TEST_RMSE, "test/recall_at_10", "test/ndcg_at_10")
-                        if k in metrics)
+    shown = (TEST_RMSE, TEST_RMSE_BEFORE_REFIT, "test/recall_at_10", "test/ndcg_at_10")
+    summary = "  ".join(f"{k}={metrics[k]:.4f}" for k in shown if k in metrics)
     log.info("%s after %d epochs (%.1f s): " + OBJECTIVE + "=%.4f  %s", "pruned" if pruned else "done",
              metrics[EPOCHS], metrics[FIT_SECONDS], metrics[OBJECTIVE], summary)
     log.info("checkpoints: %s", output_dir / "checkpoints")
@@ -336,4 +372,4 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
         uri = tracking_uri(cfg.logger.uri)
         log.info("MLflow run %s in %s; browse with: mlflow ui --backend-store-uri %s, then open %s",
                  logger.run_id, uri, uri, runs_page(logger.experiment_id))
-    return metrics
+    return model, metrics

@@ -143,6 +143,22 @@ def test_glocal_k_pretrains_then_fine_tunes_and_early_stopping_waits_for_the_fin
     assert best.n_rows == trained.datamodule.n_rows and best.fine_tuned.dtype == torch.bool
 
 
+def test_glocal_k_refit_goes_through_the_stages_up_to_the_epoch_validation_chose(data_root, tmp_path):
+    from cfae.configs import compose
+    from cfae.train import fit
+
+    cfg = compose("model=glocal_k", "hidden=16", "depth=1", "model.pretrain_epochs=2", "model.finetune_max_iter=4",
+                  "model.lambda_2=1", "model.lambda_s=0.01", "optimizer.max_iter=6", "trainer.max_epochs=5",
+                  f"data.root={data_root}", "data.download=false", "logger=none", "trainer.enable_progress_bar=false",
+                  "ranking=null", f"output_dir={tmp_path}", "refit=true")
+    trained = fit(cfg)
+    chosen = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=False)
+    epochs = trained.metrics["refit/epochs"]
+    assert epochs == chosen["epoch"] + 1
+    assert bool(trained.model.fine_tuned) == (epochs > 2) == bool(chosen["state_dict"]["fine_tuned"])
+    assert 0 < trained.metrics["test/rmse"] < 2 and 0 < trained.metrics["test/rmse_before_refit"] < 2
+
+
 def test_the_published_glocal_k_split_is_the_authors_own_loop(data_root, benchmark):
     """benchmarks/glocal_k_protocol.py against the authors' load_data_1m, written out as they wrote it."""
     path = data_root / "ml-1m" / "ratings.dat"

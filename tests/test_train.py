@@ -230,3 +230,68 @@ def test_a_closed_form_model_is_solved_validated_and_tested_without_epochs(data_
     last = tmp_path / "out" / "checkpoints" / "best.ckpt"
     with pytest.raises(ConfigError, match="ImputedSVD is solved in closed form; there is no training to resume"):
         cfae.fit(config(data_root, tmp_path / "again", "model=svd", "hidden=4", f"resume={last}"))
+
+
+def test_refit_trains_anew_on_training_and_validation_for_the_epochs_validation_chose(data_root, tmp_path):
+    import lightning as L
+    import torch
+    from omegaconf import OmegaConf
+
+    import cfae
+    from cfae.train import build_model
+
+    plain = cfae.fit(config(data_root, tmp_path / "plain", "ranking=null", "trainer.max_epochs=6"))
+    refitted = cfae.fit(config(data_root, tmp_path / "refit", "ranking=null", "trainer.max_epochs=6", "refit=true"))
+    m = refitted.metrics
+    # the model validation chose is the plain run's, and the epochs to train again are its best epoch's
+    assert m["test/rmse_before_refit"] == pytest.approx(plain.metrics["test/rmse"], abs=1e-6)
+    best = torch.load(tmp_path / "plain" / "out" / "checkpoints" / "best.ckpt", weights_only=False)
+    assert m["refit/epochs"] == best["epoch"] + 1
+    assert m["val/rmse_best"] == pytest.approx(plain.metrics["val/rmse_best"], abs=1e-6)
+    # the model returned, tested and saved: trained from the seed on both parts together for that many epochs
+    dm = plain.datamodule
+    merged = dm.with_validation_in_training()
+    assert merged.train_matrix.nnz == dm.train_matrix.nnz + dm.val_matrix.nnz and dm.val_matrix.nnz > 0
+    cfg = OmegaConf.load(tmp_path / "refit" / "out" / "config.yaml")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    by_hand = build_model(cfg, merged)
+    L.Trainer(max_epochs=m["refit/epochs"], accelerator="cpu", precision=cfg.trainer.precision, logger=False,
+              enable_checkpointing=False, limit_val_batches=0, enable_progress_bar=False,
+              enable_model_summary=False).fit(by_hand, datamodule=merged)
+    for a, b in zip(by_hand.state_dict().values(), refitted.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(refitted.model.state_dict()["encoder.weight"], plain.model.state_dict()["encoder.weight"])
+    assert m["test/rmse"] != m["test/rmse_before_refit"]
+    saved = torch.load(tmp_path / "refit" / "out" / "checkpoints" / "refit.ckpt", weights_only=False)
+    torch.testing.assert_close(saved["state_dict"]["encoder.weight"], by_hand.state_dict()["encoder.weight"])
+    client = MlflowClient(f"sqlite:///{tmp_path}/refit/mlruns/mlflow.db")
+    run = client.get_run(refitted.run_id)
+    assert run.data.metrics["test/rmse"] == pytest.approx(m["test/rmse"])
+    assert run.data.metrics["test/rmse_before_refit"] == pytest.approx(m["test/rmse_before_refit"])
+    assert run.data.metrics["refit/epochs"] == m["refit/epochs"]
+    assert len(client.get_metric_history(refitted.run_id, "test/rmse")) == 1  # the refit model's, logged once
+
+
+def test_refit_is_refused_where_validation_chooses_no_epochs(data_root, tmp_path):
+    import cfae
+
+    with pytest.raises(ConfigError, match="refit=true: ImputedSVD is solved in closed form"):
+        cfae.fit(config(data_root, tmp_path, "model=svd", "hidden=4", "refit=true"))
+    with pytest.raises(ConfigError, match="refit=yes: must be true or false"):
+        cfae.fit(config(data_root, tmp_path, "refit=yes"))
+    with pytest.raises(ConfigError, match="refit=true in a sweep: trials are compared on validation"):
+        cfae.fit(config(data_root, tmp_path, "refit=true", "sweep.trial=0", "sweep.study=s",
+                        f"sweep.storage=sqlite:///{tmp_path}/optuna.db"))
+
+
+def test_refit_off_leaves_a_runs_config_digest_as_it_was_without_the_switch(data_root, tmp_path):
+    from omegaconf import open_dict
+
+    from cfae.tracking import config_digest
+
+    cfg = config(data_root, tmp_path)
+    without = cfg.copy()
+    with open_dict(without):
+        del without["refit"]
+    assert config_digest(cfg) == config_digest(without)  # a study's runs recorded without it still count as done
+    assert config_digest(config(data_root, tmp_path, "refit=true")) != config_digest(cfg)

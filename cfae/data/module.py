@@ -3,6 +3,7 @@ test parts, served as batches of sparse rows."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from pathlib import Path
@@ -207,6 +208,13 @@ class MovieLensDataModule(L.LightningDataModule):
         self.test_matrix = part(split.test)
         self.train_val_matrix = part(split.train, split.val)
         self.prepared = True
+
+    def with_validation_in_training(self) -> MovieLensDataModule:
+        """A copy whose training part is the training and validation parts together (`refit=true`: a model
+        trained anew once validation has chosen its epochs). Its validation loader scores ratings it trains on."""
+        merged = copy.copy(self)
+        merged.train_matrix, merged._held = self.train_val_matrix, None
+        return merged
 
     @property
     def baseline_rmse(self) -> float:
