@@ -1,5 +1,5 @@
-"""The Lightning callbacks of a training run: epoch timing, divergence, the resumable checkpoint and, in a
-sweep, the trial's reports to Optuna."""
+"""The Lightning callbacks of a training run: epoch timing, the learning rates a refit replays, divergence,
+the resumable checkpoint and, in a sweep, the trial's reports to Optuna."""
 
 from __future__ import annotations
 
@@ -39,6 +39,32 @@ class EpochTimer(Callback):
             return
         self.times.append(device_clock(pl_module.device) - self.start)
         pl_module.log("time/epoch_s", self.times[-1])
+
+
+class LearningRates(Callback):
+    """The learning rate of each parameter group at the start of each epoch. Recording (the default), it keeps
+    them in `rates`, and in the run's full checkpoint so that a resumed run has them all. Given `replay`, it
+    sets them instead: a refit follows the schedule its run had without the validation part a scheduler such
+    as ReduceLROnPlateau would need."""
+
+    def __init__(self, replay: list[list[float]] | None = None):
+        self.replaying = replay is not None
+        self.rates: list[list[float]] = list(replay or [])
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        groups, epoch = trainer.optimizers[0].param_groups, trainer.current_epoch
+        if self.replaying:
+            for group, rate in zip(groups, self.rates[epoch], strict=True):
+                group["lr"] = rate
+        else:
+            del self.rates[epoch:]  # an epoch begun again after a resume
+            self.rates.append([group["lr"] for group in groups])
+
+    def state_dict(self) -> dict:
+        return {"rates": self.rates}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rates = state_dict["rates"]
 
 
 class DivergenceGuard(Callback):

@@ -13,8 +13,11 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+from mlflow.entities import DatasetInput
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+from sqlalchemy.exc import IntegrityError
 
 from cfae.processes import has_died, this_process
 from cfae.stores import check_server, store_lock
@@ -137,6 +140,20 @@ def mlflow_client(uri: str | None = None, experiment_name: str = "cfae") -> tupl
                     client.set_experiment_tag(experiment_id, key, value)
     close_dead_runs(client, experiment_id)
     return client, experiment_id
+
+
+def log_dataset(client: MlflowClient, run_id: str, dataset: DatasetInput) -> None:
+    """`client.log_inputs(run_id, [dataset])`, safe when other processes log the same dataset at the same time.
+
+    MLflow's SQL store looks a dataset up and inserts it when it is missing, in two steps: of two runs that
+    log one dataset at once (a study's workers on the same fold), one fails on the table's unique key. Its
+    transaction is rolled back whole, and by then the other's row is committed, so a second try finds it."""
+    try:
+        client.log_inputs(run_id, [dataset])
+    except MlflowException as error:
+        if not isinstance(error.__cause__, IntegrityError):
+            raise
+        client.log_inputs(run_id, [dataset])
 
 
 def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:

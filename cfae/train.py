@@ -27,7 +27,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NOTE
 from omegaconf import DictConfig, OmegaConf
 
 from cfae import serving
-from cfae.callbacks import LastCheckpoint, TrialReporting
+from cfae.callbacks import LastCheckpoint, LearningRates, TrialReporting
 from cfae.checks import ConfigError, UsageError, check_against_data, check_config
 from cfae.configs import register_resolvers, with_model_defaults
 from cfae.metrics import EPOCHS, FIT_SECONDS, REFIT_EPOCHS, TEST_RMSE, TEST_RMSE_BEFORE_REFIT, VAL_RMSE, VAL_RMSE_BEST
@@ -36,7 +36,7 @@ from cfae.ranking import evaluate_ranking
 from cfae.recommender import ARTIFACT, Recommender
 from cfae.serving import MODEL
 from cfae.studies import job_trial
-from cfae.tracking import config_digest, git_commit, mlflow_client, runs_page, tracking_uri
+from cfae.tracking import config_digest, git_commit, log_dataset, mlflow_client, runs_page, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,10 @@ def sigterm_raises() -> Iterator[list[signal.Signals]]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
+def build_model(cfg: DictConfig, datamodule, scheduled: bool = True) -> L.LightningModule:
     """The model of `cfg.model`, given what the data decides (its width, its number of rows where the model
-    has per-row parameters, the rating scale) and, unless it is fitted in closed form, its optimizer."""
+    has per-row parameters, the rating scale) and, unless it is fitted in closed form, its optimizer and,
+    if `scheduled`, the scheduler of `cfg.scheduler`."""
     cls = get_class(cfg.model._target_)
     rating_min, rating_max = datamodule.rating_range
     given = {"n_inputs": datamodule.n_cols, "rating_min": rating_min, "rating_max": rating_max}
@@ -122,7 +123,7 @@ def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
         given["n_rows"] = datamodule.n_rows
     if not cls.closed_form:
         given["optimizer"] = instantiate(cfg.optimizer)
-        given["scheduler"] = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+        given["scheduler"] = instantiate(cfg.scheduler) if scheduled and cfg.get("scheduler") else None
     return build(cfg.model, _convert_="all", **given)  # plain lists and dicts: they go into the checkpoint
 
 
@@ -156,7 +157,7 @@ def start_run(cfg: DictConfig, datamodule, digest: str):
     # the Dataset column of the runs table: which data, fold and split, and the file's digest
     dataset = Dataset(name=f"{cfg.data.dataset} {part if fixed else f'fold {cfg.data.fold} {split}'}",
                       digest=datamodule.stats["sha256"][:8], source_type="local", source=str(datamodule.stats["file"]))
-    logger.experiment.log_inputs(logger.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+    log_dataset(logger.experiment, logger.run_id, DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")]))
     return logger
 
 
@@ -276,16 +277,18 @@ def tested(cfg: DictConfig, model, datamodule, checkpoint: str) -> float:
     return float(trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)[0][TEST_RMSE])
 
 
-def refit(cfg: DictConfig, datamodule, best: str) -> tuple[L.LightningModule, str, int, float]:
+def refit(cfg: DictConfig, datamodule, best: str,
+          rates: LearningRates) -> tuple[L.LightningModule, str, int, float]:
     """(model, its checkpoint, epochs, seconds): the model trained anew from the run's seed on the training and
-    validation parts together, for as many epochs as it took to reach its best validation epoch; nothing is
-    chosen during it. Its weights: <output_dir>/checkpoints/refit.ckpt."""
+    validation parts together, for as many epochs as it took to reach its best validation epoch, with the
+    learning rates the run had in those epochs; nothing is chosen during it. Its weights:
+    <output_dir>/checkpoints/refit.ckpt."""
     epochs = torch.load(best, map_location="cpu", weights_only=False)["epoch"] + 1  # the run's own file
     merged = datamodule.with_validation_in_training()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = build_model(cfg, merged)
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], max_epochs=epochs, limit_val_batches=0,
-                          enable_checkpointing=False)
+    model = build_model(cfg, merged, scheduled=False)
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[LearningRates(replay=rates.rates[:epochs])],
+                          max_epochs=epochs, limit_val_batches=0, enable_checkpointing=False)
     log.info("refit: %d epochs on the training and validation parts together", epochs)
     start = time.perf_counter()
     trainer.fit(model, datamodule=merged)
@@ -304,7 +307,8 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
     # `checkpoint_every_s` seconds (LastCheckpoint). Writing both every epoch took longer than an ML-1M epoch.
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor=VAL_RMSE,
                                  mode="min", save_top_k=1, save_weights_only=True, enable_version_counter=False)
-    callbacks = [checkpoint, last, *(build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None)]
+    rates = LearningRates()  # what a refit replays
+    callbacks = [checkpoint, last, rates, *(build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None)]
     if cfg.get("scheduler") and logger:
         callbacks.append(LearningRateMonitor("epoch"))  # the schedule, epoch by epoch, in MLflow
     reporting = TrialReporting(trial) if trial else None
@@ -328,7 +332,7 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
     pruned = reporting is not None and reporting.pruned
     if not pruned and cfg.get("refit"):  # the model tested, ranked and saved is then the one trained anew
         metrics[TEST_RMSE_BEFORE_REFIT] = tested(cfg, model, datamodule, best)
-        model, best, metrics[REFIT_EPOCHS], seconds = refit(cfg, datamodule, best)
+        model, best, metrics[REFIT_EPOCHS], seconds = refit(cfg, datamodule, best, rates)
         metrics[FIT_SECONDS] += seconds
     if not pruned:  # no test for a trial the sweep gave up on
         test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]

@@ -456,3 +456,43 @@ def test_a_point_whose_process_died_on_every_retry_is_given_up():
     assert not counts_against_budget(dead([]))  # to be tried again
     assert not counts_against_budget(dead([0]))
     assert counts_against_budget(dead(list(range(MAX_RETRY))))  # no retry left: it took its place
+
+
+@pytest.mark.parametrize("protected", [True, False])
+def test_runs_logging_one_dataset_at_once_all_get_it(tmp_path, protected):
+    """MLflow's SQL store looks a dataset up, then inserts it: of two runs logging it at the same moment, one
+    fails on the table's unique key unless `log_dataset` tries again. The unprotected case shows the race
+    still happens upstream: if it stops failing, the retry can go."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
+
+    from cfae.tracking import log_dataset
+
+    client, experiment_id = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
+    workers, rounds = 2, 5
+    barrier = Barrier(workers)
+
+    def log(worker: int) -> int:
+        failures = 0
+        for i in range(rounds):
+            run_id = client.create_run(experiment_id).info.run_id
+            dataset = DatasetInput(Dataset(name=f"fold {i}", digest="f513c836", source_type="local", source="x"),
+                                   [InputTag("mlflow.data.context", "training")])
+            barrier.wait()
+            try:
+                log_dataset(client, run_id, dataset) if protected else client.log_inputs(run_id, [dataset])
+            except MlflowException:
+                failures += 1
+        return failures
+
+    with ThreadPoolExecutor(workers) as pool:
+        failures = sum(pool.map(log, range(workers)))
+    if protected:
+        assert failures == 0
+        runs = client.search_runs([experiment_id])
+        assert len(runs) == workers * rounds and all(len(r.inputs.dataset_inputs) == 1 for r in runs)
+    else:
+        assert failures > 0, "MLflow no longer races on a dataset logged twice at once: log_dataset's retry can go"

@@ -272,6 +272,44 @@ def test_refit_trains_anew_on_training_and_validation_for_the_epochs_validation_
     assert len(client.get_metric_history(refitted.run_id, "test/rmse")) == 1  # the refit model's, logged once
 
 
+def test_refit_replays_the_learning_rates_a_validation_scheduler_gave_the_run(data_root, tmp_path):
+    """ReduceLROnPlateau needs the validation part, which a refit trains on: the refit follows the run's
+    schedule instead, as MLflow recorded it epoch by epoch."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import Callback
+    from omegaconf import OmegaConf
+
+    import cfae
+    from cfae.train import build_model
+
+    refitted = cfae.fit(config(data_root, tmp_path, "ranking=null", "trainer.max_epochs=10", "optimizer.lr=0.05",
+                               "scheduler=plateau", "scheduler.patience=0", "scheduler.factor=0.5", "refit=true"))
+    epochs = int(refitted.metrics["refit/epochs"])
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    recorded = {}  # epoch -> rate of each parameter group, as LearningRateMonitor logged them
+    for key in ("lr-Adam/pg1", "lr-Adam/pg2"):
+        for m in client.get_metric_history(refitted.run_id, key):
+            recorded.setdefault(m.step, []).append(m.value)
+    schedule = [recorded[epoch] for epoch in sorted(recorded)][:epochs]
+    assert len(schedule) == epochs and len({rates[0] for rates in schedule}) > 1  # the rate did fall before then
+
+    class Follow(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            for group, rate in zip(trainer.optimizers[0].param_groups, schedule[trainer.current_epoch], strict=True):
+                group["lr"] = rate
+
+    cfg = OmegaConf.load(tmp_path / "out" / "config.yaml")
+    merged = refitted.datamodule.with_validation_in_training()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    by_hand = build_model(cfg, merged, scheduled=False)
+    L.Trainer(max_epochs=epochs, accelerator="cpu", precision=cfg.trainer.precision, logger=False,
+              callbacks=[Follow()], enable_checkpointing=False, limit_val_batches=0, enable_progress_bar=False,
+              enable_model_summary=False).fit(by_hand, datamodule=merged)
+    for a, b in zip(by_hand.state_dict().values(), refitted.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_refit_is_refused_where_validation_chooses_no_epochs(data_root, tmp_path):
     import cfae
 
