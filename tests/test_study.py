@@ -180,3 +180,20 @@ def test_the_real_plan_runs_quickly_with_two_epochs_and_reports_every_row(data_r
     plan = study.OmegaConf.load(study.CONF / "study.yaml")
     assert set(rows) == {("80-20", r) for r in plan.rows} | {("90-10", r) for r in plan.protocols["90-10"].rows}
     assert all(r["folds"] == 2 and not math.isnan(r["rmse_ci"]) for r in rows.values())
+
+
+def test_the_report_shows_the_model_validation_chose_beside_a_refit_one():
+    def record(row, fold, rmse, before):
+        return {"key": f"{row}/90-10/fold{fold}", "row": row, "figure": None, "protocol": "90-10", "fold": fold,
+                "test/rmse": rmse, "test/rmse_before_refit": before, "time/fit_s": 10.0, "epochs": 5,
+                "test/recall_at_10": 0.1, "test/ndcg_at_10": 0.1}
+
+    plain = [record("mf", k, 0.85, math.nan) for k in range(2)]
+    rows = report.table([record("autorec", 0, 0.83, 0.832), record("autorec", 1, 0.83, 0.834), *plain])
+    text = report.markdown(rows, "refit", "python -m cfae.study")
+    header, _, autorec, mf = text.split("## Protocol 90:10")[1].strip().splitlines()[:4]
+    assert header.split(" | ")[3:5] == ["test RMSE", "before refit"]
+    assert autorec.split(" | ")[3:5] == ["0.8300 ± 0.0000", "0.8330 ± 0.0127"]
+    assert mf.split(" | ")[4] == "" and "With refit=true" in text
+    text = report.markdown(report.table(plain), "plain", "python -m cfae.study")
+    assert "before refit" not in text and "refit=true" not in text
