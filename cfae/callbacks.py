@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import optuna
+import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -65,6 +66,13 @@ class LearningRates(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.rates = state_dict["rates"]
+
+    @classmethod
+    def recorded_in(cls, checkpoint: str | Path) -> bool:
+        """Whether a run's full state has this record (Lightning keeps a callback's state under its
+        `state_key`, the class name): a run resumed from one that has not cannot be refitted."""
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        return cls.__qualname__ in saved.get("callbacks", {})
 
 
 class DivergenceGuard(Callback):

@@ -9,8 +9,8 @@ from torchmetrics import Metric
 TRAIN_LOSS = "train/loss"
 VAL_RMSE = "val/rmse"  # each validation: early stopping, the best checkpoint, pruning, the LR schedule
 VAL_RMSE_BEST = "val/rmse_best"  # the best so far: what sweeps minimise
-TEST_RMSE = "test/rmse"  # once, on the best checkpoint; it chooses nothing
-FIT_SECONDS = "time/fit_s"  # wall time of training, validation included
+TEST_RMSE = "test/rmse"  # once, on the best checkpoint (with refit=true, on the refit one); it chooses nothing
+FIT_SECONDS = "time/fit_s"  # wall time of training, validation included (with refit=true, the refit too)
 EPOCHS = "epochs"
 TEST_RMSE_BEFORE_REFIT = "test/rmse_before_refit"  # with refit=true: the validation-chosen model's
 REFIT_EPOCHS = "refit/epochs"  # with refit=true: the epochs trained anew on training + validation

@@ -103,6 +103,9 @@ def table(records: list[dict]) -> list[dict]:
     out = []
     for (protocol, row), rs in sorted(groups.items(), key=lambda kv: position(kv[0])):
         line = {"protocol": protocol, "row": row, "model": LABELS.get(row, row), "folds": len(rs)}
+        if len({math.isnan(r[TEST_RMSE_BEFORE_REFIT]) for r in rs}) > 1:
+            log.warning("%s at %s: some folds were run with refit=true and some without; its test RMSE mixes "
+                        "the two", row, protocol)
         for m, name in [(TEST_RMSE, "rmse"), (TEST_RMSE_BEFORE_REFIT, "rmse_before_refit"),
                         (FIT_SECONDS, "time_s"), (EPOCHS, "epochs"),
                         ("test/recall_at_10", "recall_at_10"), ("test/ndcg_at_10", "ndcg_at_10")]:

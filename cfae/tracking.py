@@ -17,7 +17,6 @@ from mlflow.entities import DatasetInput
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
-from sqlalchemy.exc import IntegrityError
 
 from cfae.processes import has_died, this_process
 from cfae.stores import check_server, store_lock
@@ -146,13 +145,13 @@ def log_dataset(client: MlflowClient, run_id: str, dataset: DatasetInput) -> Non
     """`client.log_inputs(run_id, [dataset])`, safe when other processes log the same dataset at the same time.
 
     MLflow's SQL store looks a dataset up and inserts it when it is missing, in two steps: of two runs that
-    log one dataset at once (a study's workers on the same fold), one fails on the table's unique key. Its
-    transaction is rolled back whole, and by then the other's row is committed, so a second try finds it."""
+    log one dataset at once (a study's workers on the same fold), one fails on the table's unique key, as an
+    IntegrityError from a sqlite file, as an error answer from a tracking server. Its transaction is rolled
+    back whole, and by then the other's row is committed, so a second try finds it; an error that was not
+    this race comes again from the second try."""
     try:
         client.log_inputs(run_id, [dataset])
-    except MlflowException as error:
-        if not isinstance(error.__cause__, IntegrityError):
-            raise
+    except MlflowException:
         client.log_inputs(run_id, [dataset])
 
 

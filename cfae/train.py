@@ -201,7 +201,8 @@ def end_run(logger, err: BaseException, signum: signal.Signals | None) -> None:
 
 
 class Trained(NamedTuple):
-    """What `fit` gives back: the model with its best weights, its data, metrics and MLflow run id."""
+    """What `fit` gives back: the model tested (its best weights, or with refit=true the refit's), its data,
+    metrics and MLflow run id."""
 
     model: L.LightningModule
     datamodule: L.LightningDataModule
@@ -244,6 +245,9 @@ def fit(cfg: DictConfig) -> Trained:
         if model.closed_form and cfg.get("refit"):
             raise ConfigError(f"refit=true: {type(model).__name__} is solved in closed form; validation "
                               f"chooses no epochs for it to train again")
+        if cfg.get("refit") and cfg.get("resume") and not LearningRates.recorded_in(cfg.resume):
+            raise ConfigError(f"refit=true: {cfg.resume} holds no record of its epochs' learning rates, which "
+                              f"the refit replays; resume it without refit=true, or train it again")
         sweep = cfg.get("sweep") or {}
         if sweep.get("trial") is not None and cfg.get("refit"):
             raise ConfigError("refit=true in a sweep: trials are compared on validation, which refitting does "
@@ -287,7 +291,9 @@ def refit(cfg: DictConfig, datamodule, best: str,
     merged = datamodule.with_validation_in_training()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg, merged, scheduled=False)
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[LearningRates(replay=rates.rates[:epochs])],
+    # the run's callbacks but those that watch a validation metric (early stopping): there is none to watch
+    kept = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "monitor" not in c]
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[LearningRates(replay=rates.rates[:epochs]), *kept],
                           max_epochs=epochs, limit_val_batches=0, enable_checkpointing=False)
     log.info("refit: %d epochs on the training and validation parts together", epochs)
     start = time.perf_counter()

@@ -472,7 +472,7 @@ def test_runs_logging_one_dataset_at_once_all_get_it(tmp_path, protected):
     from cfae.tracking import log_dataset
 
     client, experiment_id = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
-    workers, rounds = 2, 5
+    workers, rounds = 2, 10
     barrier = Barrier(workers)
 
     def log(worker: int) -> int:
@@ -496,3 +496,26 @@ def test_runs_logging_one_dataset_at_once_all_get_it(tmp_path, protected):
         assert len(runs) == workers * rounds and all(len(r.inputs.dataset_inputs) == 1 for r in runs)
     else:
         assert failures > 0, "MLflow no longer races on a dataset logged twice at once: log_dataset's retry can go"
+
+
+def test_a_dataset_is_logged_again_once_after_an_error_and_a_second_error_is_raised():
+    from mlflow.exceptions import MlflowException
+
+    from cfae.tracking import log_dataset
+
+    class Store:
+        def __init__(self, failures):
+            self.failures, self.calls = failures, 0
+
+        def log_inputs(self, run_id, datasets):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise MlflowException(f"UNIQUE constraint failed ({self.calls})")
+
+    raced = Store(failures=1)
+    log_dataset(raced, "run", "dataset")
+    assert raced.calls == 2
+    broken = Store(failures=2)
+    with pytest.raises(MlflowException, match=r"\(2\)"):  # the second try's error, not swallowed
+        log_dataset(broken, "run", "dataset")
+    assert broken.calls == 2

@@ -182,7 +182,7 @@ def test_the_real_plan_runs_quickly_with_two_epochs_and_reports_every_row(data_r
     assert all(r["folds"] == 2 and not math.isnan(r["rmse_ci"]) for r in rows.values())
 
 
-def test_the_report_shows_the_model_validation_chose_beside_a_refit_one():
+def test_the_report_shows_the_model_validation_chose_beside_a_refit_one(caplog):
     def record(row, fold, rmse, before):
         return {"key": f"{row}/90-10/fold{fold}", "row": row, "figure": None, "protocol": "90-10", "fold": fold,
                 "test/rmse": rmse, "test/rmse_before_refit": before, "time/fit_s": 10.0, "epochs": 5,
@@ -195,5 +195,8 @@ def test_the_report_shows_the_model_validation_chose_beside_a_refit_one():
     assert header.split(" | ")[3:5] == ["test RMSE", "before refit"]
     assert autorec.split(" | ")[3:5] == ["0.8300 ± 0.0000", "0.8330 ± 0.0127"]
     assert mf.split(" | ")[4] == "" and "With refit=true" in text
+    with caplog.at_level("WARNING", logger="cfae.report"):
+        report.table([record("mf", 2, 0.85, 0.86), *plain])
+    assert "mf at 90-10: some folds were run with refit=true and some without" in caplog.text
     text = report.markdown(report.table(plain), "plain", "python -m cfae.study")
     assert "before refit" not in text and "refit=true" not in text

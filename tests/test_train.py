@@ -310,6 +310,32 @@ def test_refit_replays_the_learning_rates_a_validation_scheduler_gave_the_run(da
         torch.testing.assert_close(a, b)
 
 
+def test_a_resumed_run_keeps_the_learning_rates_of_its_first_epochs_for_its_refit(data_root, tmp_path):
+    import torch
+
+    plateau = ["ranking=null", "optimizer.lr=0.05", "scheduler=plateau", "scheduler.patience=0",
+               "scheduler.factor=0.5", "checkpoint_every_s=0"]
+    train(config(data_root, tmp_path, *plateau, "trainer.max_epochs=3"))
+    last = tmp_path / "out" / "checkpoints" / "last.ckpt"
+    resumed = config(data_root, tmp_path, *plateau, "trainer.max_epochs=8", f"resume={last}", "refit=true",
+                     f"output_dir={tmp_path / 'resumed'}")
+    metrics = train(resumed)
+    assert metrics["refit/epochs"] >= 1 and metrics["test/rmse"] > 0
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("cfae").experiment_id], order_by=["start_time"])
+    logged = sorted((m.step, m.value) for r in runs for m in client.get_metric_history(r.info.run_id, "lr-Adam/pg1"))
+    saved = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    kept = saved["callbacks"]["LearningRates"]["rates"]
+    assert [rates[0] for rates in kept] == pytest.approx([value for _, value in logged])  # epochs 1-3, then 4-8
+    assert len(kept) == metrics["epochs"] and len(set(value for _, value in logged)) > 1
+    # a full state written without that record cannot be refitted: said before any training
+    del saved["callbacks"]["LearningRates"]
+    torch.save(saved, tmp_path / "old.ckpt")
+    with pytest.raises(ConfigError, match=r"refit=true: .*old.ckpt holds no record of its epochs' learning rates"):
+        train(config(data_root, tmp_path, *plateau, f"resume={tmp_path / 'old.ckpt'}", "refit=true",
+                     f"output_dir={tmp_path / 'old'}"))
+
+
 def test_refit_is_refused_where_validation_chooses_no_epochs(data_root, tmp_path):
     import cfae
 
