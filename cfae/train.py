@@ -275,6 +275,12 @@ def fit(cfg: DictConfig) -> Trained:
     return Trained(model, datamodule, metrics, logger.run_id if logger else None)
 
 
+def configured_callbacks(cfg: DictConfig, validated: bool = True) -> list:
+    """The callbacks of `cfg.callbacks`; without `validated`, none that watches a validation metric."""
+    return [build(c) for c in (cfg.get("callbacks") or {}).values()
+            if c is not None and (validated or "monitor" not in c)]
+
+
 def tested(cfg: DictConfig, model, datamodule, checkpoint: str) -> float:
     """The test RMSE of `checkpoint`'s weights, logged nowhere."""
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False)
@@ -291,8 +297,7 @@ def refit(cfg: DictConfig, datamodule, best: str,
     merged = datamodule.with_validation_in_training()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg, merged, scheduled=False)
-    # the run's callbacks but those that watch a validation metric (early stopping): there is none to watch
-    kept = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "monitor" not in c]
+    kept = configured_callbacks(cfg, validated=False)  # early stopping has no validation to watch here
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[LearningRates(replay=rates.rates[:epochs]), *kept],
                           max_epochs=epochs, limit_val_batches=0, enable_checkpointing=False)
     log.info("refit: %d epochs on the training and validation parts together", epochs)
@@ -314,7 +319,7 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor=VAL_RMSE,
                                  mode="min", save_top_k=1, save_weights_only=True, enable_version_counter=False)
     rates = LearningRates()  # what a refit replays
-    callbacks = [checkpoint, last, rates, *(build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None)]
+    callbacks = [checkpoint, last, rates, *configured_callbacks(cfg)]
     if cfg.get("scheduler") and logger:
         callbacks.append(LearningRateMonitor("epoch"))  # the schedule, epoch by epoch, in MLflow
     reporting = TrialReporting(trial) if trial else None
