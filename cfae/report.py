@@ -57,6 +57,7 @@ LABELS = {  # the study's names for its rows (sec. 5), each beside its design as
     "glocal_k_u1": "GLocal-K, ML-100K setting",
     "deep_500_700": "Deep AE 500,700 (no batch norm)",
     "deep_refeed": "Deep AE 300,500,750 + dense re-feeding",
+    "blend": "Blend of rows, weights fitted on validation",
 }
 
 

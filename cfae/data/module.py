@@ -281,15 +281,20 @@ class MovieLensDataModule(L.LightningDataModule):
         self._held = None  # free the device's copy after fit
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._eval_batches(self.train_matrix, self.val_matrix), batch_size=None)
+        return DataLoader(self.eval_batches("val", self.whole_matrix()), batch_size=None)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self._eval_batches(self.train_val_matrix, self.test_matrix), batch_size=None)
+        return DataLoader(self.eval_batches("test", self.whole_matrix()), batch_size=None)
 
-    def _eval_batches(self, inputs: sp.csr_matrix, targets: sp.csr_matrix) -> list[EvalBatch]:
+    def eval_batches(self, part: str, whole_matrix: bool = False) -> list[EvalBatch]:
+        """The batches that score `part`: "val" feeds the training ratings and scores the validation ones,
+        "test" feeds training + validation and scores the test ratings. Their held-out ratings, concatenated,
+        are the part's matrix's in CSR order. `whole_matrix`: one batch of every row, in order."""
+        inputs, targets = {"val": (self.train_matrix, self.val_matrix),
+                           "test": (self.train_val_matrix, self.test_matrix)}[part]
         fallback = sp.csr_matrix((fallback_predictions(inputs, targets), targets.indices, targets.indptr),
                                  shape=targets.shape)
-        if self.whole_matrix():  # every row, in order, at once
+        if whole_matrix:  # every row, in order, at once
             rows, size = np.arange(targets.shape[0]), targets.shape[0]
         else:  # only rows with held-out ratings need a forward pass
             rows, size = np.flatnonzero(np.diff(targets.indptr)), self.eval_batch_size

@@ -187,6 +187,10 @@ class RatingModel(L.LightningModule):
         self.test_rmse.update(self.predict_held_out(batch), batch.targets.val)
         self.log(TEST_RMSE, self.test_rmse, on_epoch=True, batch_size=len(batch.targets.val))
 
+    def predict_step(self, batch: EvalBatch, batch_idx: int) -> Tensor:
+        """(targets nnz,) what `test_step` scores, clipped to the rating scale as the metric clips it."""
+        return self.predict_held_out(batch).clamp(self.test_rmse.rating_min, self.test_rmse.rating_max)
+
     def parameter_groups(self) -> list[dict]:
         """What the optimizer gets: `weight_decay` on weight matrices, none on biases and norm scales."""
         decay = [p for p in self.parameters() if p.ndim >= 2]
