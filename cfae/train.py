@@ -127,15 +127,22 @@ def build_model(cfg: DictConfig, datamodule, scheduled: bool = True) -> L.Lightn
     return build(cfg.model, _convert_="all", **given)  # plain lists and dicts: they go into the checkpoint
 
 
-def start_run(cfg: DictConfig, datamodule, digest: str):
-    """The MLflow logger of this run (False without one), carrying the resolved config, the dataset's
-    statistics and checksum, the git commit, the config's digest and, in a sweep, the trial and its parent."""
+def which_split(cfg: DictConfig) -> tuple[bool, str, str]:
+    """(fixed, "80:20", part): whether the split is one of GroupLens's files (u1..u5) rather than a random
+    fold, the test fraction as a ratio, and the split's or fold's name."""
+    fixed = cfg.data.get("split", "random") != "random"
+    split = f"{round(100 * (1 - cfg.data.test_fraction))}:{round(100 * cfg.data.test_fraction)}"
+    return fixed, split, cfg.data.split if fixed else f"fold{cfg.data.fold}"
+
+
+def run_logger(cfg: DictConfig, digest: str):
+    """The MLflow logger of this run (False without one), its name and tags set: the config's digest, the
+    study's row and, in a sweep, the trial and its parent. Its MLflow run starts on first use (`describe_run`),
+    so that a signal arriving then finds the logger there to close the run KILLED."""
     if not cfg.get("logger"):
         return False
     sweep, name = cfg.get("sweep") or {}, model_name(cfg)
-    fixed = cfg.data.get("split", "random") != "random"  # GroupLens's split u1..u5, else a random fold
-    split = f"{round(100 * (1 - cfg.data.test_fraction))}:{round(100 * cfg.data.test_fraction)}"
-    part = cfg.data.split if fixed else f"fold{cfg.data.fold}"
+    fixed, split, part = which_split(cfg)
     run_name = f"{name}-{cfg.data.dataset}-{cfg.data.orientation}-{part}"
     tags = {**(cfg.logger.get("tags") or {}), "cfae.model": name, "cfae.config": digest, "cfae.machine": machine()}
     if choice(cfg, "experiment"):  # a row of the study (conf/experiment/)
@@ -148,9 +155,15 @@ def start_run(cfg: DictConfig, datamodule, digest: str):
     tags[MLFLOW_RUN_NOTE] = (f"{name} on {cfg.data.dataset}, {cfg.data.orientation} rows, " +
                              (f"GroupLens's split {part}" if fixed else
                               f"fold {cfg.data.fold} of {cfg.data.n_folds} random {split} splits"))
-    logger = instantiate(cfg.logger, run_name=cfg.logger.run_name or run_name, tags=tags)
+    return instantiate(cfg.logger, run_name=cfg.logger.run_name or run_name, tags=tags)
+
+
+def describe_run(logger, cfg: DictConfig, datamodule) -> None:
+    """Start the logger's MLflow run with the resolved config, the dataset's statistics and checksum and the
+    git commit."""
+    fixed, split, part = which_split(cfg)
     logger.log_hyperparams(run_params(cfg))
-    logger.log_hyperparams({"model": name})  # beside model/<argument>: which model, in one short column
+    logger.log_hyperparams({"model": model_name(cfg)})  # beside model/<argument>: which model, in one short column
     logger.log_hyperparams({f"dataset/{k}": v for k, v in datamodule.stats.items()})
     logger.log_hyperparams({"dataset/val_rmse_of_the_mean": round(datamodule.baseline_rmse, 4)})  # the reference
     logger.experiment.set_tag(logger.run_id, "mlflow.source.git.commit", git_commit())
@@ -158,7 +171,6 @@ def start_run(cfg: DictConfig, datamodule, digest: str):
     dataset = Dataset(name=f"{cfg.data.dataset} {part if fixed else f'fold {cfg.data.fold} {split}'}",
                       digest=datamodule.stats["sha256"][:8], source_type="local", source=str(datamodule.stats["file"]))
     log_dataset(logger.experiment, logger.run_id, DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")]))
-    return logger
 
 
 def run_params(cfg: DictConfig) -> dict:
@@ -258,9 +270,10 @@ def fit(cfg: DictConfig) -> Trained:
             trial, beating = job_trial(sweep.study, sweep.storage, sweep.trial, pruner)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
         last = LastCheckpoint(output_dir / "checkpoints" / "last.ckpt", cfg.checkpoint_every_s)
-        logger = False
+        logger = run_logger(cfg, digest)
         try:
-            logger = start_run(cfg, datamodule, digest)
+            if logger:
+                describe_run(logger, cfg, datamodule)
             with beating:
                 model, metrics = fit_and_test(cfg, model, datamodule, logger, last, trial)
         except BaseException as err:

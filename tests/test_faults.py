@@ -316,6 +316,20 @@ def test_a_sigterm_whose_exception_is_replaced_on_the_way_out_still_ends_the_run
     assert r.info.status == "KILLED" and r.data.tags["error"] == "interrupted (SIGTERM)"
 
 
+def test_a_sigterm_while_the_mlflow_run_starts_ends_it_killed(data_root, tmp_path, monkeypatch):
+    import cfae.train
+
+    def stopped(*args, **kwargs):  # the run exists in MLflow; its description is half written
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cfae.train, "log_dataset", stopped)
+    with pytest.raises(SystemExit) as exit_:
+        cfae.train.fit(compose(data_root, tmp_path))
+    assert exit_.value.code == 128 + signal.SIGTERM
+    (r,) = mlflow_runs(tmp_path)
+    assert r.info.status == "KILLED" and r.data.tags["error"] == "interrupted (SIGTERM)"
+
+
 # --- bad values, refused before anything runs ------------------------------------------------------------------
 BAD = {
     "hidden=0": "hidden=0: must be an integer >= 1",
