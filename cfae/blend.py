@@ -10,9 +10,9 @@ has a FINISHED run in the studies named:
 - the weights are the least-squares fit to the validation ratings of the predictions of each row's model that
   validation chose (`checkpoints/best.ckpt`), fed the training part as its validation was;
 - the blend is tested with each row's tested model (`refit.ckpt` where the run used refit=true, else
-  `best.ckpt`) fed the training and validation parts, as its test was. Each row's test RMSE is first computed
-  again from these predictions and must equal its run's `test/rmse`: a run whose checkpoints are not what
-  it tested is refused. The test part chooses nothing.
+  `best.ckpt`) fed the training and validation parts, as its test was. Each row's validation and test RMSE
+  are first computed again from these predictions and must equal its run's `val/rmse_best` and `test/rmse`:
+  a run whose checkpoints are not what it chose and tested is refused. The test part chooses nothing.
 
 The runs' output folders must be on this machine (their checkpoints and `config.yaml`). Each fold becomes an
 MLflow run tagged `cfae.study=<name>` and `cfae.row=blend`, so `python -m cfae.report --study <name>` renders
@@ -27,6 +27,7 @@ import logging
 import math
 import shlex
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
@@ -34,19 +35,21 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse as sp
 from hydra.utils import get_class, instantiate
+from mlflow.entities import Metric, Param
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from cfae.checks import UsageError, reported_in_one_line
-from cfae.metrics import TEST_RMSE, TEST_RMSE_BEFORE_REFIT, VAL_RMSE
-from cfae.processes import machine
+from cfae.metrics import TEST_RMSE, TEST_RMSE_BEFORE_REFIT, VAL_RMSE_BEST
+from cfae.processes import machine, this_process
 from cfae.report import mean_ci
 from cfae.tracking import finished_study_runs, mlflow_client
 
 log = logging.getLogger("cfae.blend")
 
 ROW = "blend"  # the blend's row in its study, as cfae.report shows it
-AGREEMENT = 1e-4  # how close a row's recomputed test RMSE must come to its run's
+AGREEMENT = 1e-4  # how close a row's recomputed validation and test RMSE must come to its run's
+VAL_FITTED = "blend/val_rmse_fitted"  # in-sample: on the validation ratings its weights were fitted to
 
 
 class Member(NamedTuple):
@@ -55,7 +58,8 @@ class Member(NamedTuple):
     row: str
     run_id: str
     output_dir: Path
-    test_rmse: float  # as its run logged it
+    val_rmse: float  # its chosen model's, as its run logged it (val/rmse_best)
+    test_rmse: float  # its tested model's, as its run logged it
 
 
 class Predictions(NamedTuple):
@@ -105,6 +109,16 @@ def in_user_rows(matrix: sp.csr_matrix, orientation: str) -> sp.csr_matrix:
     return out
 
 
+def check_agrees(m: Member, what: str, logged: float, again: float, checkpoint: Path) -> None:
+    """Refuse a member whose checkpoint does not give the RMSE its run logged."""
+    if not math.isfinite(logged):
+        raise UsageError(f"run {m.run_id} (row {m.row}) logged no {what}: the blend cannot check its checkpoints")
+    if not abs(again - logged) <= AGREEMENT:
+        raise UsageError(f"{checkpoint}: its {what} is {again:.5f} here, its run {m.run_id} logged {logged:.5f}; "
+                         f"the folder holds another run's weights, or this machine computes otherwise (the "
+                         f"run's machine: its tag cfae.machine)")
+
+
 def fold_predictions(members: list[Member]) -> Predictions:
     """Every member's predictions of one fold's validation and test ratings; refused where the members hold
     out different ratings or a member's test RMSE is not its run's."""
@@ -116,13 +130,16 @@ def fold_predictions(members: list[Member]) -> Predictions:
         config = m.output_dir / "config.yaml"
         if not config.is_file():
             raise UsageError(f"{config}: not found; the blend reads each run's output folder (run {m.run_id}, "
-                             f"row {m.row}) on this machine")
+                             f"row {m.row}) on this machine, a relative one from where the study ran (here: "
+                             f"{Path.cwd()})")
         cfg = OmegaConf.load(config)
         datamodule = build(cfg.data)
         datamodule.setup("fit")
         best, refit = m.output_dir / "checkpoints" / "best.ckpt", m.output_dir / "checkpoints" / "refit.ckpt"
         if not best.is_file():
             raise UsageError(f"{best}: not found (run {m.run_id}, row {m.row}): its chosen model is needed")
+        if cfg.get("refit") and not refit.is_file():
+            raise UsageError(f"{refit}: not found (run {m.run_id}, row {m.row}): refit=true tested this model")
         targets = (in_user_rows(datamodule.val_matrix, datamodule.orientation),
                    in_user_rows(datamodule.test_matrix, datamodule.orientation))
         if val is None:
@@ -131,14 +148,12 @@ def fold_predictions(members: list[Member]) -> Predictions:
             raise UsageError(f"rows {first.row} and {m.row} hold out different ratings on this fold (runs "
                              f"{first.run_id}, {m.run_id}): blend rows run on the same data and split")
         chosen_val.append(held_out_predictions(best, cfg, datamodule, "val").data)
+        check_agrees(m, VAL_RMSE_BEST, m.val_rmse, rmse(chosen_val[-1], val.data), best)
         chosen_test.append(held_out_predictions(best, cfg, datamodule, "test").data)
-        refitted.append(bool(cfg.get("refit")) and refit.is_file())
+        refitted.append(bool(cfg.get("refit")))
         tested_test.append(held_out_predictions(refit, cfg, datamodule, "test").data if refitted[-1]
                            else chosen_test[-1])
-        again = rmse(tested_test[-1], test.data)
-        if abs(again - m.test_rmse) > AGREEMENT:
-            raise UsageError(f"{m.output_dir}: its checkpoint's test RMSE is {again:.5f}, its run {m.run_id} "
-                             f"logged {m.test_rmse:.5f}; the folder holds another run's weights")
+        check_agrees(m, TEST_RMSE, m.test_rmse, rmse(tested_test[-1], test.data), refit if refitted[-1] else best)
     return Predictions(val.data, test.data, np.stack(chosen_val), np.stack(chosen_test), np.stack(tested_test),
                        refitted, datamodule.rating_range)
 
@@ -162,7 +177,8 @@ def members_by_fold(client, experiment_id: str, studies: list[str], rows: list[s
         if protocols and t.get("cfae.protocol") not in protocols:
             continue
         latest[(t["cfae.protocol"], int(p["data/fold"]), t["cfae.row"])] = Member(
-            t["cfae.row"], r.info.run_id, Path(p["output_dir"]), r.data.metrics.get(TEST_RMSE, math.nan))
+            t["cfae.row"], r.info.run_id, Path(p["output_dir"]), r.data.metrics.get(VAL_RMSE_BEST, math.nan),
+            r.data.metrics.get(TEST_RMSE, math.nan))
     folds = defaultdict(dict)
     for (protocol, fold, row), member in latest.items():
         folds[(protocol, fold)][row] = member
@@ -198,33 +214,37 @@ def blend_fold(protocol: str, fold: int, members: list[Member]) -> FoldResult:
 
 def log_fold(client, experiment_id: str, name: str, rows: list[str], studies: list[str], result: FoldResult,
              members: list[Member], dataset: str, command: str) -> str:
-    """The fold's MLflow run: the blend's metrics, its weights and the runs it blends."""
+    """The fold's MLflow run, written in one batch: the blend's metrics, its weights and the runs it blends."""
     key = f"{ROW}/{result.protocol}/fold{result.fold}"
-    run = client.create_run(experiment_id, run_name=f"blend-{'+'.join(rows)}-{result.protocol}-fold{result.fold}",
-                            tags={"cfae.study": name, "cfae.key": key, "cfae.row": ROW,
-                                  "cfae.protocol": result.protocol, "cfae.machine": machine(),
-                                  "cfae.command": command, "cfae.blend.runs": json.dumps([m.run_id for m in members])})
-    run_id = run.info.run_id
-    for k, v in {"data/fold": result.fold, "data/dataset": dataset, "blend/rows": ",".join(rows),
-                 "blend/studies": ",".join(studies)}.items():
-        client.log_param(run_id, k, v)
-    metrics = {TEST_RMSE: result.test_rmse, VAL_RMSE: result.val_rmse, "blend/intercept": result.weights[0]}
+    params = {"data/fold": result.fold, "data/dataset": dataset, "blend/rows": ",".join(rows),
+              "blend/studies": ",".join(studies)}
+    metrics = {TEST_RMSE: result.test_rmse, VAL_FITTED: result.val_rmse, "blend/intercept": result.weights[0]}
     if not math.isnan(result.test_rmse_before_refit):
         metrics[TEST_RMSE_BEFORE_REFIT] = result.test_rmse_before_refit
     for row, w, r in zip(rows, result.weights[1:], result.row_test_rmse):
         metrics[f"blend/weight/{row}"], metrics[f"blend/test_rmse/{row}"] = w, r
-    for k, v in metrics.items():
-        client.log_metric(run_id, k, float(v))
-    client.set_terminated(run_id)
-    return run_id
+    run = client.create_run(experiment_id, run_name=f"blend-{'+'.join(rows)}-{result.protocol}-fold{result.fold}",
+                            tags={"cfae.study": name, "cfae.key": key, "cfae.row": ROW,
+                                  "cfae.protocol": result.protocol, "cfae.machine": machine(),
+                                  "cfae.process": this_process(), "cfae.command": command,
+                                  "cfae.blend.runs": json.dumps([m.run_id for m in members])})
+    try:
+        now = int(time.time() * 1000)
+        client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                         params=[Param(k, str(v)) for k, v in params.items()])
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
 
 
 def markdown(results: list[FoldResult], rows: list[str]) -> str:
     """Per protocol: each fold's weights, each row's test RMSE and the blend's, then the means and CIs."""
     out = []
-    refit = any(not math.isnan(r.test_rmse_before_refit) for r in results)
     for protocol in dict.fromkeys(r.protocol for r in results):
         rs = [r for r in results if r.protocol == protocol]
+        refit = any(not math.isnan(r.test_rmse_before_refit) for r in rs)
         head = ["fold", "intercept", *(f"w {row}" for row in rows), *(f"test {row}" for row in rows),
                 "blend val (fitted)", *(["blend, chosen models"] if refit else []), "blend test"]
         out += [f"## Protocol {protocol}", "", "| " + " | ".join(head) + " |",
@@ -266,13 +286,19 @@ def main(argv: list[str] | None = None) -> int:
         client, experiment_id = mlflow_client(args.uri)
         folds = members_by_fold(client, experiment_id, studies, rows,
                                 args.protocols.split(",") if args.protocols else None)
+        other = {r.data.params.get("blend/rows") for r in finished_study_runs(client, experiment_id, name)
+                 if r.data.tags.get("cfae.row") == ROW} - {",".join(rows)}
+        if other:
+            raise UsageError(f"--name {name}: the study holds a blend of other rows ({', '.join(sorted(other))}); "
+                             f"one blend a study, so that its row is one blend")
         results = []
-        for (protocol, fold), members in folds.items():
-            dataset = client.get_run(members[0].run_id).data.params.get("data/dataset", "")
+        for (protocol, fold), members in folds.items():  # every fold first: one refused, none is logged
             results.append(blend_fold(protocol, fold, members))
-            log_fold(client, experiment_id, name, rows, studies, results[-1], members, dataset, command)
             log.info("%s fold %d: blend %.4f (rows %s)", protocol, fold, results[-1].test_rmse,
                      ", ".join(f"{x:.4f}" for x in results[-1].row_test_rmse))
+        for result, members in zip(results, folds.values()):
+            dataset = client.get_run(members[0].run_id).data.params.get("data/dataset", "")
+            log_fold(client, experiment_id, name, rows, studies, result, members, dataset, command)
     text = (f"# Blend `{name}`: {', '.join(f'`{r}`' for r in rows)}, weights fitted on validation\n\n"
             + markdown(results, rows) + f"\nMachine: {machine()}. Command: {command}\n")
     if args.out:

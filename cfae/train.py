@@ -137,8 +137,9 @@ def which_split(cfg: DictConfig) -> tuple[bool, str, str]:
 
 def run_logger(cfg: DictConfig, digest: str):
     """The MLflow logger of this run (False without one), its name and tags set: the config's digest, the
-    study's row and, in a sweep, the trial and its parent. Its MLflow run starts on first use (`describe_run`),
-    so that a signal arriving then finds the logger there to close the run KILLED."""
+    study's row and, in a sweep, the trial and its parent. It checks the store; its MLflow run starts on first
+    use (`describe_run`), once `fit` holds the logger, so a signal arriving then finds it there to close the
+    run KILLED."""
     if not cfg.get("logger"):
         return False
     sweep, name = cfg.get("sweep") or {}, model_name(cfg)
@@ -270,8 +271,9 @@ def fit(cfg: DictConfig) -> Trained:
             trial, beating = job_trial(sweep.study, sweep.storage, sweep.trial, pruner)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
         last = LastCheckpoint(output_dir / "checkpoints" / "last.ckpt", cfg.checkpoint_every_s)
-        logger = run_logger(cfg, digest)
+        logger = False
         try:
+            logger = run_logger(cfg, digest)
             if logger:
                 describe_run(logger, cfg, datamodule)
             with beating:

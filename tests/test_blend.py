@@ -48,7 +48,7 @@ def test_the_weights_are_the_least_squares_fit():
     assert blend.blended(np.array([0.0, 2.0]), np.array([[1.0, 2.0, 3.0]]), (1.0, 5.0)).tolist() == [2.0, 4.0, 5.0]
 
 
-def test_a_blend_of_two_studies_rows_is_tested_on_each_fold_and_reported(studies):
+def test_a_blend_of_two_studies_rows_is_tested_on_each_fold_and_reported(studies, capsys):
     tmp_path, uri = studies
     assert blend.main(["--study", "items,users", "--rows", "autorec,study_autorec", "--name", "b",
                        "--out", str(tmp_path / "reports"), "--uri", uri]) == 0
@@ -65,12 +65,15 @@ def test_a_blend_of_two_studies_rows_is_tested_on_each_fold_and_reported(studies
         assert m["blend/test_rmse/autorec"] == pytest.approx(auto["test/rmse"], abs=1e-4)
         assert m["blend/test_rmse/study_autorec"] == pytest.approx(user["test/rmse"], abs=1e-4)
         # fitted on validation, the blend is no worse there than either chosen model alone (weights 1 and 0)
-        assert m["val/rmse"] <= min(auto["val/rmse_best"], user["val/rmse_best"]) + 1e-6
+        assert m["blend/val_rmse_fitted"] <= min(auto["val/rmse_best"], user["val/rmse_best"]) + 1e-6
         assert "test/rmse_before_refit" in m and math.isfinite(m["test/rmse"])
     text = (tmp_path / "reports" / "b.md").read_text()
     assert "| w autorec | w study_autorec |" in text and "mean ± 95% CI" in text
     rows = report.report("b", tmp_path / "report", uri=uri, log_to_mlflow=False)["rows"]
     assert [(r["row"], r["folds"]) for r in rows] == [("blend", 2)]
+    with pytest.raises(SystemExit):  # another blend under the same name would share its row
+        blend.main(["--study", "items,users", "--rows", "study_autorec,autorec", "--name", "b", "--uri", uri])
+    assert "error: --name b: the study holds a blend of other rows" in capsys.readouterr().err
 
 
 def test_rows_without_runs_or_on_other_splits_are_refused(studies, data_root, capsys):
@@ -102,3 +105,10 @@ def test_a_folder_whose_weights_are_not_its_runs_is_refused(studies, tmp_path):
     shutil.copyfile(users1.output_dir / "checkpoints" / "best.ckpt", swapped / "checkpoints" / "best.ckpt")
     with pytest.raises(UsageError, match="holds another run's weights"):
         blend.fold_predictions([members[("80-20", 0)][0], users0._replace(output_dir=swapped)])
+    with pytest.raises(UsageError, match="logged no test/rmse"):
+        blend.fold_predictions([members[("80-20", 0)][0], users0._replace(test_rmse=math.nan)])
+    items0 = members[("80-20", 0)][0]
+    unrefitted = shutil.copytree(items0.output_dir, tmp_path / "unrefitted")
+    (unrefitted / "checkpoints" / "refit.ckpt").unlink()
+    with pytest.raises(UsageError, match="refit=true tested this model"):
+        blend.fold_predictions([items0._replace(output_dir=unrefitted), users0])
