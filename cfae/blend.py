@@ -40,6 +40,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from cfae.checks import UsageError, reported_in_one_line
+from cfae.console import quiet_libraries
 from cfae.metrics import TEST_RMSE, TEST_RMSE_BEFORE_REFIT, VAL_RMSE_BEST
 from cfae.processes import machine, this_process
 from cfae.report import mean_ci
@@ -277,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or mlruns/mlflow.db)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    quiet_libraries()
     command = shlex.join(["python", "-m", "cfae.blend", *(argv if argv is not None else sys.argv[1:])])
     studies, rows = args.study.split(","), args.rows.split(",")
     name = args.name or f"blend-{'+'.join(rows)}"

@@ -1,5 +1,5 @@
 """What the command lines print: the libraries' start-up chatter silenced, cfae's own lines kept. Called by
-the entry points (train.py, sweep.py, `python -m cfae.study`), never on import."""
+the entry points (train.py, sweep.py, `python -m cfae.study`, `cfae.blend`), never on import."""
 
 from __future__ import annotations
 
