@@ -298,6 +298,17 @@ def test_a_store_that_stops_taking_writes_does_not_stop_the_training_nor_lose_it
     assert len(history) == 5  # every epoch's value arrived, late or not
 
 
+def assert_fit_ends_killed_by_sigterm(data_root, tmp_path):
+    """A run stopped by SIGTERM exits 143 and leaves its MLflow run KILLED, saying why."""
+    import cfae.train
+
+    with pytest.raises(SystemExit) as exit_:
+        cfae.train.fit(compose(data_root, tmp_path))
+    assert exit_.value.code == 128 + signal.SIGTERM
+    (r,) = mlflow_runs(tmp_path)
+    assert r.info.status == "KILLED" and r.data.tags["error"] == "interrupted (SIGTERM)"
+
+
 def test_a_sigterm_whose_exception_is_replaced_on_the_way_out_still_ends_the_run_killed(data_root, tmp_path,
                                                                                          monkeypatch):
     import cfae.train
@@ -309,11 +320,7 @@ def test_a_sigterm_whose_exception_is_replaced_on_the_way_out_still_ends_the_run
             raise AttributeError("'NoneType' object has no attribute '_invalidate_flags_cache'")  # OmegaConf's
 
     monkeypatch.setattr(cfae.train, "fit_and_test", stopped_then_unwinding_badly)
-    with pytest.raises(SystemExit) as exit_:
-        cfae.train.fit(compose(data_root, tmp_path))
-    assert exit_.value.code == 128 + signal.SIGTERM
-    (r,) = mlflow_runs(tmp_path)
-    assert r.info.status == "KILLED" and r.data.tags["error"] == "interrupted (SIGTERM)"
+    assert_fit_ends_killed_by_sigterm(data_root, tmp_path)
 
 
 def test_a_sigterm_while_the_mlflow_run_starts_ends_it_killed(data_root, tmp_path, monkeypatch):
@@ -323,11 +330,7 @@ def test_a_sigterm_while_the_mlflow_run_starts_ends_it_killed(data_root, tmp_pat
         os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(cfae.train, "log_dataset", stopped)
-    with pytest.raises(SystemExit) as exit_:
-        cfae.train.fit(compose(data_root, tmp_path))
-    assert exit_.value.code == 128 + signal.SIGTERM
-    (r,) = mlflow_runs(tmp_path)
-    assert r.info.status == "KILLED" and r.data.tags["error"] == "interrupted (SIGTERM)"
+    assert_fit_ends_killed_by_sigterm(data_root, tmp_path)
 
 
 # --- bad values, refused before anything runs ------------------------------------------------------------------
