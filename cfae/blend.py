@@ -22,6 +22,7 @@ the blend as a row; the table printed here gives each fold's weights, each row's
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import math
@@ -302,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             dataset = client.get_run(members[0].run_id).data.params.get("data/dataset", "")
             log_fold(client, experiment_id, name, rows, studies, result, members, dataset, command)
     text = (f"# Blend `{name}`: {', '.join(f'`{r}`' for r in rows)}, weights fitted on validation\n\n"
-            + markdown(results, rows) + f"\nMachine: {machine()}. Command: {command}\n")
+            + markdown(results, rows)
+            + f"\nBlended {datetime.date.today().isoformat()} on {machine()}. Command: {command}\n")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"{name}.md").write_text(text)

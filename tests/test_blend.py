@@ -1,6 +1,7 @@
 """The blend of study rows: weights fitted on validation, members checked against their runs, on small
 synthetic studies."""
 
+import datetime
 import math
 import shutil
 
@@ -69,6 +70,7 @@ def test_a_blend_of_two_studies_rows_is_tested_on_each_fold_and_reported(studies
         assert "test/rmse_before_refit" in m and math.isfinite(m["test/rmse"])
     text = (tmp_path / "reports" / "b.md").read_text()
     assert "| w autorec | w study_autorec |" in text and "mean ± 95% CI" in text
+    assert f"Blended {datetime.date.today().isoformat()} on " in text  # the date beside the figures
     rows = report.report("b", tmp_path / "report", uri=uri, log_to_mlflow=False)["rows"]
     assert [(r["row"], r["folds"]) for r in rows] == [("blend", 2)]
     with pytest.raises(SystemExit):  # another blend under the same name would share its row
