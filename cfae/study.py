@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time, each in its own process with an equal share of the cores (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the options
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: give 1 or more runs at a time")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
