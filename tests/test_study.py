@@ -79,7 +79,7 @@ def test_a_run_counts_as_done_only_with_the_same_settings(mini_study, capsys):
     assert study.main([*options, "--dry-run", *overrides]) == 0
     same = capsys.readouterr().out.splitlines()
     assert len(same) == 18 and all(line.startswith("done  ") for line in same)
-    assert study.main([*options, overrides[1], "--dry-run", *overrides[2:]]) == 0  # overrides around an option
+    assert study.main([overrides[1], *options, "--dry-run", *overrides[2:]]) == 0  # overrides before and after
     assert capsys.readouterr().out.splitlines() == same
     assert study.main([*options, "--dry-run", *overrides, "data.seed=1"]) == 0  # other splits: nothing done
     other = capsys.readouterr().out.splitlines()
