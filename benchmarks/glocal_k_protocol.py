@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=20)
     parser.add_argument("--finetune-epochs", type=int, default=30)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for the cfae-protocol run")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may come before and after the options
     keep_freed_memory()
     ratings = args.ratings or Path(os.environ.get("CFAE_DATA_DIR", ".")) / "ml-1m" / "ratings.dat"
     print(f"machine: {machine()}, {time.strftime('%Y-%m-%d')}", flush=True)

@@ -27,7 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="train.py overrides, e.g. model=deep_refeed")
     parser.add_argument("--seeds", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may come before and after the options
     quiet_benchmark()
     os.environ.setdefault("CFAE_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     keep_freed_memory()

@@ -87,8 +87,8 @@ def test_the_gpu_check_says_in_one_line_that_it_has_no_gpu_to_check():
 
 @pytest.mark.slow
 def test_seed_spread_runs_each_seed_and_prints_the_spread(data_root, tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seed_spread.py"), "--seeds", "2", "hidden=16",
-                           "data.batch_size=32", "trainer.max_epochs=2"],
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seed_spread.py"), "hidden=16", "--seeds", "2",
+                           "data.batch_size=32", "trainer.max_epochs=2"],  # overrides around an option
                           cwd=tmp_path, env={**os.environ, "CFAE_DATA_DIR": str(data_root)},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
