@@ -44,7 +44,7 @@ from cfae.checks import UsageError, reported_in_one_line
 from cfae.console import quiet_libraries
 from cfae.metrics import TEST_RMSE, TEST_RMSE_BEFORE_REFIT, VAL_RMSE_BEST
 from cfae.processes import machine, this_process
-from cfae.report import mean_ci
+from cfae.report import mean_ci, portable
 from cfae.tracking import finished_study_runs, mlflow_client
 
 log = logging.getLogger("cfae.blend")
@@ -94,7 +94,7 @@ def held_out_predictions(checkpoint: Path, cfg, datamodule, part: str) -> sp.csr
     """(n_users, n_items) the checkpoint's predictions of the `part` ratings ("val" or "test"), clipped to
     the scale, computed as the run computed them: its model class, its trainer's device and precision, the
     same input rows and the same fallbacks."""
-    model = get_class(cfg.model._target_).load_from_checkpoint(checkpoint, map_location="cpu")
+    model = get_class(cfg.model._target_).load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     batches = datamodule.eval_batches(part, whole_matrix=model.whole_matrix)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False)
     out = trainer.predict(model, dataloaders=DataLoader(batches, batch_size=None))
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             log_fold(client, experiment_id, name, rows, studies, result, members, dataset, command)
     text = (f"# Blend `{name}`: {', '.join(f'`{r}`' for r in rows)}, weights fitted on validation\n\n"
             + markdown(results, rows)
-            + f"\nBlended {datetime.date.today().isoformat()} on {machine()}. Command: {command}\n")
+            + f"\nBlended {datetime.date.today().isoformat()} on {machine()}. Command: {portable(command)}\n")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"{name}.md").write_text(text)

@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import optuna
-import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cfae.checks import Diverged
+from cfae.checks import Diverged, read_checkpoint
 from cfae.metrics import TRAIN_LOSS, VAL_RMSE
 from cfae.processes import device_clock
 
@@ -40,6 +39,25 @@ class EpochTimer(Callback):
             return
         self.times.append(device_clock(pl_module.device) - self.start)
         pl_module.log("time/epoch_s", self.times[-1])
+
+
+class EpochLog(Callback):
+    """One line per epoch (its losses, validation RMSE and seconds) where no progress bar shows them: in a
+    log file, a pipe or a notebook."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # after validation
+        if trainer.progress_bar_callback is not None:
+            return
+        shown = " ".join(f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items())
+                         if k.startswith(("train/", "val/")))
+        log.info("epoch %d/%d: %s (%.2f s)", trainer.current_epoch + 1, trainer.max_epochs, shown,
+                 time.perf_counter() - self.start)
 
 
 class LearningRates(Callback):
@@ -71,8 +89,7 @@ class LearningRates(Callback):
     def recorded_in(cls, checkpoint: str | Path) -> bool:
         """Whether a run's full state has this record (Lightning keeps a callback's state under its
         `state_key`, the class name): a run resumed from one that has not cannot be refitted."""
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        return cls.__qualname__ in saved.get("callbacks", {})
+        return cls.__qualname__ in read_checkpoint(checkpoint).get("callbacks", {})
 
 
 class DivergenceGuard(Callback):

@@ -61,6 +61,7 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str], str]] = [
     ("dropout", fraction, "a dropout rate; null: the model's default"),
     ("noise", fraction, "the fraction of input ratings dropped; null: the model's default"),
     ("seed", count, ""),
+    ("threads", positive_int, "torch's CPU threads; null: torch's default"),
     ("patience", positive_int, "epochs without a better val/rmse before early stopping"),
     ("refit", (lambda x: isinstance(x, bool), "true or false"), ""),
     ("checkpoint_every_s", non_negative, "seconds between full checkpoints; 0: every epoch"),
@@ -72,6 +73,7 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str], str]] = [
     ("data.val_fraction", open_fraction, "validation drives early stopping and model selection"),
     ("data.min_item_ratings", count, ""),
     ("data.num_workers", count, ""),
+    ("data.seed", count, "the seed of the random splits"),
     ("model.hidden_size", positive_int, ""),
     ("model.layer_sizes", layer_list, ""),
     ("model.n_factors", count, ""),
@@ -95,8 +97,9 @@ def _show(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first value in `cfg` that cfae cannot run with."""
+def check_config(cfg: DictConfig, sweeping: bool = False) -> None:
+    """Raise ConfigError for the first value in `cfg` that cfae cannot run with (`sweeping`: as the base of a
+    sweep's trials)."""
     for key, (test, allowed), why in RULES:
         try:
             value = OmegaConf.select(cfg, key, throw_on_missing=True)
@@ -107,6 +110,9 @@ def check_config(cfg: DictConfig) -> None:
         if value is not None and not test(value):  # None: absent, or null for the model's default
             raise ConfigError(f"{key}={_show(value)}: must be {allowed}" + (f" ({why})" if why else ""))
     _check_knobs(cfg)
+    if cfg.get("refit") and (sweeping or OmegaConf.select(cfg, "sweep.trial") is not None):
+        raise ConfigError("refit=true in a sweep: trials are compared on validation, which refitting does not "
+                          "change; refit the chosen configuration with train.py")
     fold, n_folds = OmegaConf.select(cfg, "data.fold"), OmegaConf.select(cfg, "data.n_folds")
     if fold is not None and not (is_int(fold) and 0 <= fold < n_folds):
         raise ConfigError(f"data.fold={_show(fold)}: must be an integer from 0 to {n_folds - 1} "
@@ -115,10 +121,15 @@ def check_config(cfg: DictConfig) -> None:
     if orientation is not None and orientation not in ("item", "user"):
         raise ConfigError(f"data.orientation={orientation}: must be item or user")
     _check_accelerator(OmegaConf.select(cfg, "trainer.accelerator"))
+    _check_devices(OmegaConf.select(cfg, "trainer.devices"))
     resume = cfg.get("resume")
-    if resume and not Path(resume).is_file():
-        raise ConfigError(f"resume={resume}: no such checkpoint (a run's full state is "
-                          f"<its output dir>/checkpoints/last.ckpt)")
+    if resume:
+        if not Path(resume).is_file():
+            raise ConfigError(f"resume={resume}: no such checkpoint (a run's full state is "
+                              f"<its output dir>/checkpoints/last.ckpt)")
+        if "optimizer_states" not in read_checkpoint(resume, f"resume={resume}"):
+            raise ConfigError(f"resume={resume}: holds a model's weights only, not a run's training state; "
+                              f"resume from <its output dir>/checkpoints/last.ckpt")
     root = OmegaConf.select(cfg, "data.root")
     if root and not Path(root).is_dir():
         raise ConfigError(f"data.root={root}: no such folder (set by CFAE_DATA_DIR or data.root)")
@@ -156,12 +167,48 @@ def _check_accelerator(accelerator: str | None) -> None:
         raise ConfigError("trainer.accelerator=mps: Apple's Metal backend is not available here")
 
 
-def check_against_data(cfg: DictConfig, n_items: int) -> None:
-    """A ranking cut-off below the number of items. (What a model needs of the data, its constructor checks.)"""
+def _check_devices(devices: Any) -> None:
+    """One run, one device: Lightning would start a process per device (DDP), which cfae's runs do not use."""
+    if OmegaConf.is_config(devices):
+        devices = OmegaConf.to_container(devices)
+    if devices in (1, "1") or (isinstance(devices, list) and len(devices) == 1 and is_int(devices[0])):
+        return
+    raise ConfigError(f"trainer.devices={_show(devices)}: a run trains on one device (1, or [i] for GPU i); "
+                      f"a sweep or a study runs one run per device")
+
+
+def check_against_data(cfg: DictConfig, n_items: int, rating_range: tuple[float, float]) -> None:
+    """A ranking cut-off below the number of items, and a relevance threshold on the rating scale. (What a
+    model needs of the data, its constructor checks.)"""
     k = OmegaConf.select(cfg, "ranking.k")
     if k is not None and k >= n_items:
         raise ConfigError(f"ranking.k={k}: must be below the number of items, {n_items} in this data "
                           f"(ranking=null skips the ranking metrics)")
+    threshold, (low, high) = OmegaConf.select(cfg, "ranking.threshold"), rating_range
+    if threshold is not None and not (is_number(threshold) and low <= threshold <= high):
+        raise ConfigError(f"ranking.threshold={_show(threshold)}: must lie on this data's rating scale, {low:g} to "
+                          f"{high:g} (a held-out rating at or above it counts as relevant)")
+
+
+def read_checkpoint(path: str | Path, what: str | None = None) -> dict:
+    """The contents of a checkpoint file a user names, read as tensors and plain values only (torch's
+    `weights_only`): a file whose pickle holds anything else, which could run code when read, is refused
+    in one line, `what` (`resume=...`) naming where it was given."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(f"{what or path}: holds objects other than tensors and plain values, which cfae "
+                          f"does not load (unpickling them could run code)") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise ConfigError(f"{what or path}: not a checkpoint torch can read ({str(err).splitlines()[0]})") from None
+
+
+def refused_up_front(err: BaseException) -> bool:
+    """Whether an error says what was asked cannot run (a value, a file, a store), as opposed to a run that
+    went wrong (diverged) or a fault: the same command would fail the same way every time."""
+    return isinstance(err, UsageError) and not isinstance(err, Diverged)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ written into a run's config so that it records every value it ran with.
 from __future__ import annotations
 
 import inspect
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from hydra import initialize_config_dir
 from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from cfae.checks import ConfigError
+from cfae.checks import KNOBS, ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -61,6 +62,8 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("or", lambda value, default: default if value is None else value, replace=True)
     OmegaConf.register_new_resolver("layers", layers, replace=True)
     OmegaConf.register_new_resolver("precision", precision, replace=True)
+    # `${terminal:}`: whether stderr is a terminal, where a progress bar can redraw itself (not a log file)
+    OmegaConf.register_new_resolver("terminal", lambda: sys.stderr.isatty(), replace=True)
     # `${part:${data.split},${data.fold}}`: which part of the data a run holds out, for names: fold0, or u1
     OmegaConf.register_new_resolver("part", lambda split, fold: f"fold{fold}" if split == "random" else split,
                                     replace=True)
@@ -118,6 +121,25 @@ def with_model_defaults(cfg: DictConfig) -> DictConfig:
                           f"(it takes {', '.join(sorted(defaults))})")
     cfg.model = {"_target_": given.pop("_target_"), **defaults, **given}
     return cfg
+
+
+def knob_values(composed: DictConfig, resolved: DictConfig) -> dict[str, Any]:
+    """The value each sweep knob a model takes ran with, read from the model argument it feeds (`composed`,
+    its interpolations unresolved, says which; `resolved`, with the constructor's defaults, says the value):
+    `hidden` the latent size (a layer list's width where its layers are alike, else the list), `depth` the
+    number of layers, `dropout` and `noise` themselves. What the runs table shows in its knob columns."""
+    raw = OmegaConf.to_container(composed, resolve=False)
+    values = {}
+    for knob in KNOBS:
+        fed = [key for key, value in raw.items() if isinstance(value, str) and "${" + knob + "}" in value]
+        if not fed:
+            continue
+        value = resolved[fed[0]]
+        if isinstance(value, ListConfig | list):  # layer sizes
+            value = list(value)
+            value = len(value) if knob == "depth" else value[0] if len(set(value)) == 1 else ",".join(map(str, value))
+        values[knob] = value
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,11 +28,13 @@ def parse(argv: list[str]) -> dict[str, str | None]:
         args[key] = value
     if (args["run"] is None) == (args["path"] is None):
         raise UsageError("give the model as run=<MLflow run id> or path=<folder>, one of the two")
-    for key in ("user", "k"):
-        if args[key] is None:
-            raise UsageError(f"{key}= is missing")
-        if not args[key].lstrip("-").isdigit():
-            raise UsageError(f"{key}={args[key]}: must be an integer")
+    if args["user"] is None:
+        raise UsageError("user= is missing")
+    if not args["user"].lstrip("-").isdigit():
+        raise UsageError(f"user={args['user']}: must be an integer")
+    from cfae.recommender import check_k
+
+    check_k(int(args["k"]) if args["k"].lstrip("-").isdigit() else args["k"])
     if args["seen"] not in ("true", "false"):
         raise UsageError(f"seen={args['seen']}: must be true or false")
     return args

@@ -13,6 +13,7 @@ model (`model/artifacts/recommender/`, cfae/serving.py).
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shutil
@@ -23,9 +24,9 @@ import lightning as L
 import numpy as np
 import scipy.sparse as sp
 import torch
-from hydra.utils import get_class
 
 from cfae.checks import UsageError
+from cfae.console import quiet
 from cfae.sparse import SparseRows
 
 ARTIFACT = "recommender"  # its folder name under a run's output folder and its MLflow artifacts
@@ -36,6 +37,12 @@ class UnknownId(UsageError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+def check_k(k) -> None:
+    """How many movies to recommend: an integer >= 1, else refused in one line."""
+    if not (isinstance(k, int | np.integer) and not isinstance(k, bool) and k >= 1):
+        raise UsageError(f"k={k}: must be an integer >= 1 (how many movies to recommend)")
 
 
 class Recommendation(NamedTuple):
@@ -91,28 +98,78 @@ class Recommender:
             out[pick] = self.model.predict_at(x, at).float().cpu().numpy()
         return np.clip(out, self.rating_min, self.rating_max)
 
+    @torch.no_grad()
+    def _block(self, rows: np.ndarray, cols: np.ndarray, chunk: int = 1024) -> np.ndarray:
+        """(len(rows), len(cols)) predicted ratings at every (row, column) of the model's matrix, clipped to
+        the scale: one product per chunk of rows, only at the columns asked for."""
+        rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+        if getattr(self.model, "whole_matrix", False):  # it reads every row at once, in order
+            every = self._block_rows(np.arange(self.inputs.shape[0]), cols)
+            return np.clip(every[rows], self.rating_min, self.rating_max)
+        out = np.empty((len(rows), len(cols)), dtype=np.float32)
+        for start in range(0, len(rows), chunk):
+            out[start:start + chunk] = self._block_rows(rows[start:start + chunk], cols)
+        return np.clip(out, self.rating_min, self.rating_max)
+
+    def _block_rows(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        n = len(rows)
+        at = SparseRows(torch.as_tensor(rows), torch.arange(n + 1, dtype=torch.int64) * len(cols),
+                        torch.as_tensor(np.tile(cols, n)), torch.zeros(n * len(cols)), self.inputs.shape[1])
+        x = SparseRows.from_csr(self.inputs, rows).to(self.model.device)
+        return self.model.predict_at(x, at.to(self.model.device)).float().cpu().numpy().reshape(n, len(cols))
+
+    def user_scores(self, users: np.ndarray) -> np.ndarray:
+        """(len(users), n_items) predicted ratings of every movie for users given by index, in the model's
+        item order."""
+        items = np.arange(len(self.item_ids))
+        if self.orientation == "user":
+            return self._block(users, items)
+        order = np.unique(users, return_inverse=True)  # each user's column once
+        return self._block(items, order[0]).T[order[1]]
+
     def scores(self, user_id: int) -> np.ndarray:
         """(n_items,) predicted ratings of every movie for one user, in the model's item order."""
-        u = self._user(user_id)
-        return self._predict_cells(np.full(len(self.item_ids), u), np.arange(len(self.item_ids)))
+        return self.user_scores(np.array([self._user(user_id)]))[0]
 
     def recommend(self, user_id: int, k: int = 10, exclude_seen: bool = True) -> list[Recommendation]:
         """The k movies with the highest predicted ratings for `user_id`, best first; by default none the
         user has rated. A user the data does not hold gets the movies with the most ratings of 4 or more
         (their mean rating as `rating`): the popular, well-rated fallback."""
-        ratings = self.user_ratings()
-        if int(user_id) not in self.user_index:
-            good = (ratings >= 4).astype(np.float32).sum(axis=0).A1  # (n_items,) ratings of 4 or more
-            means = np.divide(ratings.sum(axis=0).A1, ratings.getnnz(axis=0), out=np.zeros(ratings.shape[1]),
-                              where=ratings.getnnz(axis=0) > 0)
-            top = np.argsort(-good, kind="stable")[:k]
-            return [self._entry(rank, i, means[i]) for rank, i in enumerate(top, 1)]
-        scores = self.scores(user_id).astype(np.float64)
+        return self.recommend_many([user_id], k, exclude_seen)[0]
+
+    def recommend_many(self, user_ids, k: int = 10, exclude_seen: bool = True) -> list[list[Recommendation]]:
+        """`recommend` for each of `user_ids`, the known users scored together in one batched product."""
+        check_k(k)
+        ids = [self.as_id(u, "user") for u in np.atleast_1d(np.asarray(user_ids, dtype=object))]
+        known = [i for i, u in enumerate(ids) if u in self.user_index]
+        fallback = self.popular(k) if len(known) < len(ids) else []
+        lists = [[] if u in self.user_index else fallback for u in ids]
+        if not known:
+            return lists
+        users = np.array([self.user_index[ids[i]] for i in known])
+        scores = self.user_scores(users).astype(np.float64)  # (users, n_items)
         if exclude_seen:
-            scores[ratings[self.user_index[int(user_id)]].indices] = -np.inf
-        k = min(k, int(np.isfinite(scores).sum()))
-        top = np.argsort(-scores, kind="stable")[:k]
-        return [self._entry(rank, i, scores[i]) for rank, i in enumerate(top, 1)]
+            seen = self.user_ratings()[users]
+            scores[np.repeat(np.arange(len(users)), np.diff(seen.indptr)), seen.indices] = -np.inf
+        k = min(k, scores.shape[1])
+        kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]  # (users,) each user's k-th highest score
+        r, c = np.nonzero(scores >= kth[:, None])  # the top k and whatever ties with the k-th
+        order = np.lexsort((c, -scores[r, c], r))  # by user, best first, ties in item order (a stable sort's)
+        r, c = r[order], c[order]
+        rank = np.arange(len(r)) - np.searchsorted(r, np.arange(len(users)))[r]
+        keep = (rank < k) & np.isfinite(scores[r, c])  # fewer than k where fewer are unrated
+        for row, j, at in zip(r[keep], c[keep], rank[keep]):
+            lists[known[row]].append(self._entry(int(at) + 1, j, scores[row, j]))
+        return lists
+
+    def popular(self, k: int) -> list[Recommendation]:
+        """The k movies with the most ratings of 4 or more, their mean rating as `rating`: what a user the
+        data does not hold gets."""
+        ratings = self.user_ratings()
+        good = (ratings >= 4).astype(np.float32).sum(axis=0).A1  # (n_items,) ratings of 4 or more
+        counts = ratings.getnnz(axis=0)
+        means = np.divide(ratings.sum(axis=0).A1, counts, out=np.zeros(ratings.shape[1]), where=counts > 0)
+        return [self._entry(rank, i, means[i]) for rank, i in enumerate(np.argsort(-good, kind="stable")[:k], 1)]
 
     def predict(self, user_ids, item_ids) -> np.ndarray:
         """Predicted ratings for pairs (user_ids[i], item_ids[i]) of original ids."""
@@ -122,17 +179,30 @@ class Recommender:
             raise UsageError(f"{len(users)} user ids and {len(items)} movie ids: give one of each per pair")
         return self._predict_cells(users, items)
 
+    @staticmethod
+    def as_id(value, what: str) -> int:
+        """An original user or movie id as the index maps hold it (42 for 42, 42.0 or "42"); anything that is
+        not a whole number is refused in one line, not rounded."""
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        if isinstance(value, int | np.integer | float | np.floating) and not isinstance(value, bool) and \
+                float(value).is_integer():
+            return int(value)
+        raise UsageError(f"{what} id {value!r}: not an id of this model's data (its ids are whole numbers)")
+
     def _user(self, user_id) -> int:
-        if int(user_id) not in self.user_index:
+        user_id = self.as_id(user_id, "user")
+        if user_id not in self.user_index:
             raise UnknownId(f"user {user_id} is not in the model's data ({len(self.user_ids)} users, ids "
                             f"{self.user_ids.min()} to {self.user_ids.max()})")
-        return self.user_index[int(user_id)]
+        return self.user_index[user_id]
 
     def _item(self, movie_id) -> int:
-        if int(movie_id) not in self.item_index:
+        movie_id = self.as_id(movie_id, "movie")
+        if movie_id not in self.item_index:
             raise UnknownId(f"movie {movie_id} is not in the model's data ({len(self.item_ids)} movies; movies "
                             f"with too few ratings were dropped before training)")
-        return self.item_index[int(movie_id)]
+        return self.item_index[movie_id]
 
     def _entry(self, rank: int, item: int, rating: float) -> Recommendation:
         movie = int(self.item_ids[item])
@@ -163,14 +233,26 @@ class Recommender:
         if not manifest_path.is_file():
             raise UsageError(f"{folder}: not a saved cfae model (no recommender.json)")
         manifest = json.loads(manifest_path.read_text())
-        model = get_class(manifest["model"]).load_from_checkpoint(checkpoint or folder / "model.ckpt",
-                                                                   map_location=map_location)
+        model = model_class(manifest["model"], manifest_path).load_from_checkpoint(
+            checkpoint or folder / "model.ckpt", map_location=map_location, weights_only=True)
         with np.load(folder / "data.npz") as d:
             inputs = sp.csr_matrix((d["data"], d["indices"], d["indptr"]), shape=tuple(d["shape"]))
             titles = dict(zip(d["title_ids"].tolist(), d["titles"].tolist()))
             return cls(model, inputs, manifest["orientation"], d["user_ids"], d["item_ids"], titles)
 
 
+def model_class(name: str, manifest: Path) -> type:
+    """The cfae model class a saved model's manifest names; anything else is refused, not imported."""
+    from cfae.models import RatingModel
+
+    module, _, qualname = str(name).rpartition(".")
+    cls = getattr(importlib.import_module(module), qualname, None) if module.startswith("cfae.models.") else None
+    if not (isinstance(cls, type) and issubclass(cls, RatingModel)):
+        raise UsageError(f"{manifest}: model={name!r} is not one of cfae's models")
+    return cls
+
+
+@quiet()  # MLflow's download bars and the libraries' chatter, for the call only
 def load(source: str | Path, tracking_uri: str | None = None) -> Recommender:
     """A saved model from a folder (`<output_dir>/recommender`, or a run's output folder), a checkpoint of a
     run (`<output_dir>/checkpoints/*.ckpt`, with its run's saved data), an MLflow run id, or a

@@ -162,15 +162,64 @@ def provenance(records: list[dict], command: str) -> str:
     machines = " / ".join(sorted({r["machine"] for r in records}))
     dates = sorted({r["date"] for r in records})
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
-    studies = "\n".join(sorted({r["command"] for r in records if r["command"]})) or "python -m cfae.study"
-    return f"{when}; {machines}\n{studies}\n{command}"
+    studies = "\n".join(sorted({portable(r["command"]) for r in records if r["command"]})) or "python -m cfae.study"
+    return f"{when}; {machines}\n{studies}\n{portable(command)}"
+
+
+def portable(command: str, here: Path | None = None) -> str:
+    """A command as a reader can run it elsewhere: a path under the folder it ran in (`here`, by default the
+    current one) relative to it, any other absolute path with its folder as `<dir>` (`sqlite:////home/me/x.db`:
+    `sqlite:///<dir>/x.db`)."""
+    here = (here or Path.cwd()).resolve()
+
+    def local(path: str) -> str:
+        p = Path(path)
+        return str(p.relative_to(here)) if p.is_relative_to(here) else f"<dir>/{p.name}"
+
+    def token(word: str) -> str:
+        key, eq, value = word.rpartition("=") if "=" in word and not word.startswith("/") else ("", "", word)
+        scheme = "sqlite:///" if value.startswith("sqlite:////") else ""
+        path = value.removeprefix(scheme)
+        if path.startswith("/"):
+            value = scheme + local(path)
+        return f"{key}{eq}{value}"
+
+    try:
+        words = shlex.split(command)
+    except ValueError:  # unbalanced quotes: leave it as it was written
+        return command
+    return shlex.join(token(w) for w in words)
 
 
 def stamp(fig, text: str) -> None:
-    """The provenance lines at the foot of a figure, wrapped to its width."""
-    lines = [wrapped for line in text.split("\n") for wrapped in textwrap.wrap(line, 140, break_on_hyphens=False)]
+    """The provenance lines at the foot of a figure, wrapped to its width (6-point text, about 0.55 em a
+    character)."""
+    width = int(fig.get_figwidth() * 72 / (6 * 0.55)) - 4
+    lines = [wrapped for line in text.split("\n") for wrapped in textwrap.wrap(line, width, break_on_hyphens=False)]
     fig.text(0.01, 0.01, "\n".join(lines), fontsize=6, color="0.35", va="bottom")
     fig.tight_layout(rect=(0, 0.03 + 0.025 * len(lines), 1, 1))
+
+
+def validation_curve(values: list[float], path: Path, title: str, metric: str = VAL_RMSE) -> Path:
+    """One run's validation metric per epoch, zoomed on where the epoch is chosen (the first epochs' values can
+    lie far above and would flatten the rest), its best epoch marked."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    epochs = np.arange(1, len(values) + 1)
+    best = int(np.argmin(values))
+    ax.plot(epochs, values, marker="o", markersize=3)
+    ax.plot(epochs[best], values[best], "o", color="C3", label=f"best: {values[best]:.4f} at epoch {best + 1}")
+    lowest = values[best]
+    top = min(max(values), lowest + max(0.02, 4 * (float(np.median(values)) - lowest)))
+    ax.set_ylim(lowest - 0.1 * (top - lowest) - 1e-4, top + 0.05 * (top - lowest) + 1e-4)
+    clipped = sum(v > top for v in values)
+    ax.set(xlabel="epoch", ylabel=metric, title=title + (f"\n({clipped} higher value{'s' * (clipped > 1)} above "
+                                                          f"the top)" if clipped else ""))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def knob_value(key: str) -> float:

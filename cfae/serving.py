@@ -20,15 +20,22 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import AnyType
 
 import cfae
+from cfae.checks import UsageError
 from cfae.recommender import ARTIFACT, Recommender
 
 MODEL = "model"  # its folder under a run's output folder and its MLflow artifacts
+CODE = Path(__file__).with_name("pyfunc_model.py")  # the pyfunc model, as code (MLflow's models from code)
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("long", "user_id"), ColSpec("long", "movie_id", required=False)]),
+    # ids as the client sends them, numbers or text: a "long" column would have the server truncate 42.7 to
+    # 42 before the model could refuse it, a "string" one would refuse Python's integers
+    inputs=Schema([ColSpec(AnyType(), "user_id"), ColSpec(AnyType(), "movie_id", required=False)]),
     outputs=Schema([ColSpec("long", "user_id"), ColSpec("long", "rank"), ColSpec("long", "movie_id"),
                     ColSpec("string", "title"), ColSpec("double", "rating")]),
     params=ParamSchema([ParamSpec("k", "long", 10), ParamSpec("exclude_seen", "boolean", True)]),
@@ -36,27 +43,53 @@ SIGNATURE = ModelSignature(
 REQUIREMENTS = ("torch", "lightning", "torchmetrics", "hydra-core", "omegaconf", "numpy", "scipy", "pandas", "mlflow")
 
 
+class RequestError(MlflowException):
+    """A request the model refuses, answered with HTTP 400 and cfae's own one-line message.
+
+    MLflow's scoring server prefixes the message of an MlflowException that `predict` raises with the whole
+    request ("Failed to predict data '<the table>'. Error: ..."), by assigning the exception's `message`; this
+    one keeps the message it was made with. A seam on the server's handling: tests/test_recommender.py sends
+    bad requests to a real `mlflow models serve` and fails if the answer changes."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):  # set once, by MlflowException.__init__
+            self._message = value
+
+
 class RecommenderModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.recommender = Recommender.load_folder(context.artifacts[ARTIFACT])
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        return answer(self.recommender, model_input, **(params or {}))
+        try:
+            return answer(self.recommender, model_input, **(params or {}))
+        except UsageError as err:
+            raise RequestError(str(err)) from None
 
 
 def answer(rec: Recommender, requests: pd.DataFrame, k: int = 10, exclude_seen: bool = True) -> pd.DataFrame:
-    """Top-k lists, or predicted ratings where a request names a movie."""
+    """Top-k lists, or predicted ratings where a request names a movie; the users' lists come from one batched
+    product."""
+    has_movie = requests["movie_id"].notna() if "movie_id" in requests else pd.Series(False, index=requests.index)
+    pairs, users = requests[has_movie], requests.loc[~has_movie, "user_id"].to_numpy()
     rows = []
-    has_movie = "movie_id" in requests and requests["movie_id"].notna()
-    pairs = requests[has_movie] if "movie_id" in requests else requests.iloc[:0]
     if len(pairs):
         ratings = rec.predict(pairs["user_id"].to_numpy(), pairs["movie_id"].to_numpy())
         for user, movie, rating in zip(pairs["user_id"], pairs["movie_id"], ratings):
-            rows.append((int(user), 0, int(movie), rec.titles.get(int(movie), ""), float(rating)))
-    for user in requests.loc[~has_movie if "movie_id" in requests else slice(None), "user_id"]:
-        rows += [(int(user), r.rank, r.movie_id, r.title, r.rating)
-                 for r in rec.recommend(int(user), int(k), bool(exclude_seen))]
-    return pd.DataFrame(rows, columns=["user_id", "rank", "movie_id", "title", "rating"])
+            movie = rec.as_id(movie, "movie")
+            rows.append((rec.as_id(user, "user"), 0, movie, rec.titles.get(movie, ""), float(rating)))
+    if len(users):
+        top_lists = rec.recommend_many(users, k, bool(exclude_seen))
+        rows += [(rec.as_id(user, "user"), *r) for user, top in zip(users, top_lists) for r in top]
+    return pd.DataFrame(rows, columns=[c.name for c in SIGNATURE.outputs.inputs])
 
 
 def save(rec: Recommender, recommender_folder: str | Path, path: str | Path) -> Path:
@@ -64,7 +97,7 @@ def save(rec: Recommender, recommender_folder: str | Path, path: str | Path) -> 
     example_user = int(rec.user_ids[0])
     shutil.rmtree(path, ignore_errors=True)  # a run's folder is its own (train.claimed): a re-run replaces it
     mlflow.pyfunc.save_model(
-        path, python_model=RecommenderModel(), artifacts={ARTIFACT: str(recommender_folder)},
+        path, python_model=str(CODE), artifacts={ARTIFACT: str(recommender_folder)},
         code_paths=[str(Path(cfae.__file__).parent)], signature=SIGNATURE,
         input_example=pd.DataFrame({"user_id": np.array([example_user], dtype=np.int64)}),
         pip_requirements=[f"{name}=={metadata.version(name)}" for name in REQUIREMENTS])

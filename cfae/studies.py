@@ -24,12 +24,13 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import FrozenTrial, TrialState
 
 from cfae.processes import has_died, this_process
-from cfae.stores import store_lock
+from cfae.stores import check_writable, store_lock
 
 HEARTBEAT_S = 20
 GRACE_S = 90
 PROCESS = "cfae.process"  # user attribute: the process training the trial
 ERROR = "error"  # user attribute of a trial that failed by its own error (not by its process dying)
+REFUSED = "refused"  # user attribute of a trial whose settings were refused before it ran: not a result
 MAX_RETRY = 2
 TRIES = 5  # to open a new database on a server
 
@@ -44,6 +45,7 @@ def retry(study: optuna.Study, trial: FrozenTrial) -> None:
 def database(url: str) -> RDBStorage:
     """The study database at `url`, with heartbeats. Processes creating a new database together do it one
     at a time (sqlite: a lock file; a server: the losers of the race try again)."""
+    check_writable(url)
     with store_lock(url):
         for attempt in range(TRIES):
             try:
@@ -116,7 +118,10 @@ def fail_dead_trials(study: optuna.Study, stopping: str | None = None) -> list[i
 def counts_against_budget(trial: FrozenTrial) -> bool:
     """Whether a trial has taken one of the study's `n_trials`: finished (complete, pruned, failed by its own
     error or by its process dying on the last retry) or running. Not one whose process died with retries
-    left (its point waits to be tried again), nor a waiting one (the next ask takes it)."""
+    left (its point waits to be tried again), nor one refused before it ran (a corrected command runs its
+    point), nor a waiting one (the next ask takes it)."""
+    if trial.state == TrialState.FAIL and REFUSED in trial.user_attrs:
+        return False
     if trial.state == TrialState.FAIL:  # by its own error, or its process died once too often: given up
         return ERROR in trial.user_attrs or len(trial.system_attrs.get("retry_history", [])) >= MAX_RETRY
     return trial.state != TrialState.WAITING

@@ -146,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     is_done = [(r.key, config_digest(c)) in done for r, c in zip(runs, configs)]
     todo = [(r, c) for r, c, d in zip(runs, configs, is_done) if not d]
     log.info("study %r: %d runs, %d already finished, %d to run", name, len(runs), len(runs) - len(todo), len(todo))
+    report = shlex.join(["python", "-m", "cfae.report", "--study", name,
+                         *(["--uri", configs[0].logger.uri] if configs[0].logger.uri else [])])
     if args.dry_run:
         for r, d in zip(runs, is_done):
             print(f"{'done' if d else 'todo'}  {r.key}  +experiment={r.experiment} {' '.join(r.overrides)}")
+        log.info("dry run: %d runs to run; without --dry-run they run, then %s renders the study", len(todo), report)
         return 0
     if configs[0].keep_freed_memory:
         keep_freed_memory()
@@ -156,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = run_in_parallel(todo, args.jobs) if args.jobs > 1 and todo else run_in_turn(todo)
     log.info("study %r: %d runs in %.1f min, %d failed%s", name, len(todo), (time.perf_counter() - start) / 60,
              len(failed), f": {', '.join(failed)}" if failed else "")
+    log.info("its table and figures: %s", report)
     return 1 if failed else 0
 
 

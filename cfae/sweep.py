@@ -46,11 +46,11 @@ from optuna.samplers import BaseSampler
 from optuna.trial import TrialState
 
 from cfae import studies
-from cfae.checks import ConfigError, check_config, check_knob, reported_in_one_line
+from cfae.checks import ConfigError, check_config, check_knob, refused_up_front, reported_in_one_line
 from cfae.metrics import VAL_RMSE_BEST
 from cfae.processes import this_process
 from cfae.stores import store_lock
-from cfae.tracking import git_commit, mlflow_client
+from cfae.tracking import git_commit, mlflow_client, run_page, tracking_uri, ui_base, ui_command
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,27 @@ def grid_of(distributions: dict[str, BaseDistribution]) -> dict[str, list] | Non
     if distributions and all(isinstance(d, CategoricalDistribution) for d in distributions.values()):
         return {name: list(d.choices) for name, d in distributions.items()}
     return None
+
+
+def check_same_space(study: optuna.Study, distributions: dict[str, BaseDistribution]) -> None:
+    """A study's parameters keep their distributions (Optuna refuses a changed set of choices): a sweep that
+    gives one anew under the same study name is refused in one line."""
+    for trial in study.get_trials(deepcopy=False):
+        for name, before in trial.distributions.items():
+            if name in distributions:
+                try:
+                    optuna.distributions.check_distribution_compatibility(before, distributions[name])
+                except ValueError:
+                    raise ConfigError(f"{name}: the study {study.study_name} already sweeps it over {shown(before)}; "
+                                      f"sweep {shown(distributions[name])} in a study of its own "
+                                      f"(hydra.sweeper.study_name=...)") from None
+
+
+def shown(d: BaseDistribution) -> str:
+    if isinstance(d, CategoricalDistribution):
+        return ",".join(map(str, d.choices))
+    return f"{'tag(log, ' if getattr(d, 'log', False) else ''}interval({d.low}, {d.high})" + (
+        ")" if getattr(d, "log", False) else "")
 
 
 # -- sampling ----------------------------------------------------------------------------------------------
@@ -173,31 +194,58 @@ class OptunaSweep(Sweeper):
         self.job_idx = 0
 
     def sweep(self, arguments: list[str]) -> None:
-        with reported_in_one_line():
+        with reported_in_one_line():  # a bad value, now or in a trial's job: one line and exit 1
             distributions, fixed, grid = self.prepare(arguments)
-        study = self.open_study(grid)
-        parent = self.start_parent_run() if self.config.get("logger") else None
-        status, error = "FINISHED", None
-        self.n_told = self.n_failed = 0  # over the whole sweep, for max_failure_rate
-        try:
-            while batch := self.ask_batch(study, distributions, grid):
-                self.run_batch(study, batch, fixed, parent)
-        except BaseException as err:
-            if isinstance(err, KeyboardInterrupt | SystemExit):  # a job exits with 128 + the signal that stopped it
-                code = 128 + signal.SIGINT if isinstance(err, KeyboardInterrupt) else err.code
-                cause = signal.Signals(code - 128).name if isinstance(code, int) and code > 128 else f"exit {code}"
-                status, error = "KILLED", f"interrupted ({cause})"
-            else:
-                status, error = "FAILED", f"{type(err).__name__}: {err}"[:5000]
-            raise
-        finally:
-            if parent:
-                try:
-                    summarise_study(study, parent, self.tracking_uri, status, error)
-                except Exception:  # the sweep's own outcome (its error, its exit status) comes first
-                    log.exception("could not summarise the sweep in MLflow run %s", parent)
-        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            study = self.open_study(distributions, grid)
+            parent = self.start_parent_run() if self.config.get("logger") else None
+            status, error, best = "FINISHED", None, None
+            self.n_told = self.n_failed = 0  # over the whole sweep, for max_failure_rate
+            try:
+                while batch := self.ask_batch(study, distributions, grid):
+                    self.run_batch(study, batch, fixed, parent)
+            except BaseException as err:
+                if isinstance(err, KeyboardInterrupt | SystemExit):  # a job exits with 128 + the signal
+                    code = 128 + signal.SIGINT if isinstance(err, KeyboardInterrupt) else err.code
+                    cause = signal.Signals(code - 128).name if isinstance(code, int) and code > 128 else f"exit {code}"
+                    status, error = "KILLED", f"interrupted ({cause})"
+                else:
+                    status, error = "FAILED", f"{type(err).__name__}: {err}"[:5000]
+                raise
+            finally:
+                if parent:
+                    try:
+                        best = summarise_study(study, parent, self.tracking_uri, status, error)
+                    except Exception:  # the sweep's own outcome (its error, its exit status) comes first
+                        log.exception("could not summarise the sweep in MLflow run %s", parent)
+            self.report(study, grid, parent, best)
+
+    def report(self, study: optuna.Study, grid: dict | None, parent: str | None, best_run: dict | None) -> None:
+        """The sweep's last lines: its trials, the best value and its settings, where its runs and its best
+        model are; and optimization_results.yaml in the sweep folder, as hydra-optuna-sweeper writes it."""
+        trials = study.get_trials(deepcopy=False)
+        refused = sum(studies.REFUSED in t.user_attrs for t in trials)
+        counts = ", ".join(f"{sum(t.state == state for t in trials)} {name}" for state, name in
+                           ((TrialState.COMPLETE, "complete"), (TrialState.PRUNED, "pruned")))
+        counts += f", {sum(t.state == TrialState.FAIL for t in trials) - refused} failed" + (
+            f", {refused} refused before running" if refused else "")
+        size = f"a grid of {math.prod(len(v) for v in grid.values())} points" if grid else f"n_trials={self.n_trials}"
+        log.info("sweep %s (%s): %d trials in the study, %s", self.study_name, size, len(trials), counts)
+        if not any(t.state == TrialState.COMPLETE for t in trials):
             log.warning("no trial completed (all pruned or failed): the study has no best value")
+            return
+        settings = " ".join(f"{k}={v}" for k, v in study.best_params.items())
+        log.info("best: %s=%.4f, trial %d: %s", OBJECTIVE, study.best_value, study.best_trial.number, settings)
+        folder = Path(self.config.hydra.sweep.dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": study.best_params,
+                                         "best_value": study.best_value}), folder / "optimization_results.yaml")
+        log.info("results: %s", folder / "optimization_results.yaml")
+        if parent and best_run:
+            uri = tracking_uri(self.tracking_uri)
+            log.info("MLflow: the sweep is run %s, its best trial run %s%s", parent, best_run["run_id"],
+                     f", registered as {best_run['model']}" if best_run.get("model") else "")
+            log.info("browse: %s, then open %s", ui_command(uri),
+                     run_page(best_run["experiment_id"], parent, ui_base(uri)))
 
     def prepare(self, arguments: list[str]) -> tuple[dict[str, BaseDistribution], list[str], dict | None]:
         """The space, the fixed overrides and the grid, with every fixed value checked before a trial runs."""
@@ -210,14 +258,14 @@ class OptunaSweep(Sweeper):
         if not distributions:
             raise ConfigError("nothing to sweep: give parameters (hidden=300,500,750) or a model with a "
                               "search space in conf/search_space/")
-        check_config(self.config)
+        check_config(self.config, sweeping=True)
         for name in distributions:  # a swept knob the model would ignore is refused now
             check_knob(self.config, name, "(swept)")
         if self.config.get("logger"):
             mlflow_client(self.tracking_uri)  # a server that does not answer is said now, in one line
         return distributions, fixed, grid_of(distributions)
 
-    def open_study(self, grid: dict | None) -> optuna.Study:
+    def open_study(self, distributions: dict[str, BaseDistribution], grid: dict | None) -> optuna.Study:
         seed = self.sampler_config.get("seed")
         make = lambda s: instantiate(self.sampler_config, seed=s)  # noqa: E731  (a grid's points are enqueued)
         storage = studies.database(self.storage_url)
@@ -225,6 +273,7 @@ class OptunaSweep(Sweeper):
             study = optuna.create_study(study_name=self.study_name, storage=storage, load_if_exists=True,
                                         direction=self.direction, sampler=PerTrialSeeds(make, seed))
             dead = studies.fail_dead_trials(study)
+        check_same_space(study, distributions)
         if dead:
             log.info("trials %s had lost their process: failed, their points to be tried again", dead)
         log.info("study %s in %s, %s", self.study_name, self.storage_url,
@@ -249,7 +298,9 @@ class OptunaSweep(Sweeper):
                     study.enqueue_trial(dict(zip(grid, point)))
             n = min(self.n_jobs, left)
             if n <= 0:
-                log.info("study %s: nothing left to run (n_trials=%d)", self.study_name, self.n_trials)
+                log.info("study %s: nothing left to run (%s)", self.study_name,
+                         "every point of the grid has run" if grid is not None else
+                         f"it holds its n_trials={self.n_trials} trials")
                 return []
             return [studies.ask(study, distributions) for _ in range(n)]
 
@@ -268,19 +319,27 @@ class OptunaSweep(Sweeper):
             raise
         self.job_idx += len(returns)
         running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        refusals = []
         for trial, ret in zip(trials, returns):
             try:
                 value = float(ret.return_value)  # raises the job's own exception, if it had one
             except Exception as err:
+                refused = refused_up_front(err)  # a bad value: the same command would fail every trial
                 if trial.number in running:  # else another sweep found its process dead and failed it already
-                    trial.set_user_attr(studies.ERROR, f"{type(err).__name__}: {err}"[:2000])
+                    trial.set_user_attr(studies.REFUSED if refused else studies.ERROR,
+                                        f"{type(err).__name__}: {err}"[:2000])
                     study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                if refused:
+                    refusals.append(err)
+                    continue
                 self.n_failed += 1
                 log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, str(err).splitlines()[0])
             else:
                 if trial.number in running:  # a job tells its own result; this one ran elsewhere and could not
                     study.tell(trial, value)
             self.n_told += 1
+        if refusals:  # stop here; the refused points stay to run once the command is corrected
+            raise refusals[0]
         if self.n_told >= 4 and self.n_failed / self.n_told > self.max_failure_rate:
             raise RuntimeError(f"{self.n_failed} of {self.n_told} trials failed, more than "
                                f"max_failure_rate={self.max_failure_rate}: stopping the sweep")
@@ -304,49 +363,58 @@ class OptunaSweep(Sweeper):
 
 
 def summarise_study(study: optuna.Study, parent_run_id: str, uri: str | None, status: str,
-                    error: str | None = None) -> None:
+                    error: str | None = None) -> dict | None:
     """Best value and params, trial counts, the trials table and Optuna's plots on the parent run, closed
-    with `status` (and an `error` tag saying why, if it did not finish)."""
+    with `status` (and an `error` tag saying why, if it did not finish); the best trial's MLflow run
+    (`run_id`, `experiment_id` and, if registered, `model`), None without a completed trial."""
     client, _ = mlflow_client(uri)
     if error:
         client.set_tag(parent_run_id, "error", error)
     trials = study.get_trials(deepcopy=False)
     for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
         client.log_metric(parent_run_id, f"trials/{state.name.lower()}", sum(t.state == state for t in trials))
+    best = None
     if any(t.state == TrialState.COMPLETE for t in trials):
+        client.log_metric(parent_run_id, OBJECTIVE, study.best_value)  # the runs table's column, on the sweep's row
         client.log_metric(parent_run_id, f"best/{OBJECTIVE}", study.best_value)
         for name, value in study.best_params.items():
             client.log_param(parent_run_id, f"best/{name}", value)
         client.set_tag(parent_run_id, "best_trial", study.best_trial.number)
-        register_best(client, study, client.get_run(parent_run_id).info.experiment_id)
+        best = best_run(client, study, client.get_run(parent_run_id).info.experiment_id)
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "trials.csv"
         study.trials_dataframe().to_csv(table, index=False)
         client.log_artifact(parent_run_id, str(table))
-        for path in _plots(study, Path(tmp)):
+        for path in _plots(study, Path(tmp)) if best else ():
             client.log_artifact(parent_run_id, str(path), "plots")
     client.set_terminated(parent_run_id, status)
+    return best
 
 
-def register_best(client, study: optuna.Study, experiment_id: str) -> str | None:
-    """Register the best trial's model as a version of `cfae-<study>` in the model registry (once per run),
-    so that `models:/cfae-<study>/latest` names the sweep's best model; its run id, or None if its run has
-    no model (a sweep without MLflow, or a trial from a sweep that did not save one)."""
+def best_run(client, study: optuna.Study, experiment_id: str) -> dict | None:
+    """The best trial's FINISHED run (`run_id`, `experiment_id`), and its model registered as a version of
+    `cfae-<study>` in the model registry (once per run; `model`: `models:/cfae-<study>/<version>`), so that
+    `models:/cfae-<study>/latest` names the sweep's best model. None if the trial has no finished run here
+    (a sweep without MLflow); no `model` if its run saved none."""
     name = f"cfae-{study.study_name}"
     runs = client.search_runs([experiment_id], f"tags.`optuna.study` = '{study.study_name}' and tags.`optuna.trial` = "
                               f"'{study.best_trial.number}' and attributes.status = 'FINISHED'", max_results=1,
                               order_by=["attributes.start_time DESC"])
-    if not runs or not any(a.path == "model" for a in client.list_artifacts(runs[0].info.run_id)):
+    if not runs:
         return None
     run = runs[0]
+    found = {"run_id": run.info.run_id, "experiment_id": experiment_id}
+    if not any(a.path == "model" for a in client.list_artifacts(run.info.run_id)):
+        return found
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name, description=f"The best trial of the Optuna study {study.study_name} "
                                                          f"(lowest {OBJECTIVE})")
-    if not client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'"):
-        client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
-                                    tags={"optuna.trial": str(study.best_trial.number),
-                                          OBJECTIVE: str(study.best_value)})
-    return run.info.run_id
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
+    if not versions:
+        versions = [client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
+                                                tags={"optuna.trial": str(study.best_trial.number),
+                                                      OBJECTIVE: str(study.best_value)})]
+    return {**found, "model": f"models:/{name}/{versions[0].version}"}
 
 
 def _plots(study: optuna.Study, folder: Path) -> list[Path]:

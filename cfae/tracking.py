@@ -18,8 +18,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from cfae.checks import KNOBS
 from cfae.processes import has_died, this_process
-from cfae.stores import check_server, store_lock
+from cfae.stores import check_server, check_writable, store_lock
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,20 @@ class RunLogger(MLFlowLogger):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.pending: list[tuple[Mapping[str, float], int | None]] = []
+
+    @property
+    def experiment(self) -> MlflowClient:
+        """The client, the run created on first use. A sqlite store busy with other processes' writes (a
+        study's workers starting together) can refuse the creation with "database is locked" once its wait
+        runs out: it is tried again, after 1, 2, 4 and 8 s."""
+        for wait in (1, 2, 4, 8, None):
+            try:
+                return super().experiment
+            except Exception as err:  # MlflowException or sqlalchemy's OperationalError, by store
+                if wait is None or "database is locked" not in str(err):
+                    raise
+                log.info("the tracking store is locked by other writers; creating the run again in %d s", wait)
+                time.sleep(wait)
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -101,8 +116,11 @@ EXPERIMENT_KIND = "mlflow.experimentKind"
 # being the JSON of the view (what its "Save view" button writes). That is the UI's own format, not an
 # API: tests/test_ui.py opens this view in Chromium and fails if the UI stops reading it.
 RESULTS_VIEW = "cfae-results"
-RESULTS_COLUMNS = ("attributes.`Dataset`", "params.`model`", "params.`model/hidden_size`", "metrics.`val/rmse_best`",
-                   "metrics.`test/rmse`", "metrics.`epochs`", "metrics.`time/fit_s`")
+# The UI places metrics before params, whatever the order here; without the wide Dataset column (the run's name
+# says its data and fold) the knobs fit on a 1600-pixel screen.
+RESULTS_COLUMNS = ("params.`model`", *(f"params.`{knob}`" for knob in KNOBS),
+                   "metrics.`val/rmse_best`", "metrics.`test/rmse`", "metrics.`test/recall_at_10`",
+                   "metrics.`test/ndcg_at_10`", "metrics.`epochs`", "metrics.`time/fit_s`")
 
 
 def saved_view_tag(name: str, columns: tuple[str, ...]) -> str:
@@ -111,10 +129,43 @@ def saved_view_tag(name: str, columns: tuple[str, ...]) -> str:
                        "state": json.dumps({"selectedColumns": list(columns)})})
 
 
-def runs_page(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def ui_base(uri: str) -> str:
+    """Where the MLflow UI of the store at `uri` is: a tracking server serves its own, `mlflow ui` the others."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI
+
+
+def ui_command(uri: str) -> str:
+    """How to open the MLflow UI of the store at `uri`."""
+    if uri.startswith(("http://", "https://")):
+        return f"the tracking server's UI ({uri})"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def view_columns(tag: str | None) -> list[str] | str | None:
+    """The columns of a saved view's tag (the tag itself where it is no view), to tell an outdated one."""
+    try:
+        return json.loads(json.loads(tag)["state"])["selectedColumns"]
+    except (TypeError, ValueError, KeyError):
+        return tag
+
+
+def runs_page(experiment_id: str, base: str = UI) -> str:
     """The MLflow UI's page of an experiment's runs, in the "Model training" view, with cfae's columns."""
     return (f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={RESULTS_VIEW}"
             "&workflowType=machine_learning")
+
+
+def run_page(experiment_id: str, run_id: str, base: str = UI) -> str:
+    """The MLflow UI's page of one run, on the UI's "Model training" side."""
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def serve_command(run_id: str, uri: str) -> str:
+    """The command that serves a run's model over HTTP, on the store it was logged to."""
+    return f"MLFLOW_TRACKING_URI={uri} mlflow models serve -m runs:/{run_id}/model --env-manager local -p 5001"
 
 
 def mlflow_client(uri: str | None = None, experiment_name: str = "cfae") -> tuple[MlflowClient, str]:
@@ -124,6 +175,7 @@ def mlflow_client(uri: str | None = None, experiment_name: str = "cfae") -> tupl
     process that has died are marked FAILED on the way."""
     uri = tracking_uri(uri)
     check_server(uri)
+    check_writable(uri)
     with store_lock(uri):
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(experiment_name)
@@ -135,7 +187,7 @@ def mlflow_client(uri: str | None = None, experiment_name: str = "cfae") -> tupl
         else:
             experiment_id = experiment.experiment_id
             for key, value in ui_tags.items():
-                if key not in experiment.tags:
+                if view_columns(experiment.tags.get(key)) != view_columns(value):  # absent, or another cfae's
                     client.set_experiment_tag(experiment_id, key, value)
     close_dead_runs(client, experiment_id)
     return client, experiment_id

@@ -28,15 +28,26 @@ from omegaconf import DictConfig, OmegaConf
 
 from cfae import serving
 from cfae.callbacks import LastCheckpoint, LearningRates, TrialReporting
-from cfae.checks import ConfigError, UsageError, check_against_data, check_config
-from cfae.configs import register_resolvers, with_model_defaults
+from cfae.checks import ConfigError, UsageError, check_against_data, check_config, read_checkpoint
+from cfae.configs import knob_values, register_resolvers, with_model_defaults
+from cfae.console import quiet
 from cfae.metrics import EPOCHS, FIT_SECONDS, REFIT_EPOCHS, TEST_RMSE, TEST_RMSE_BEFORE_REFIT, VAL_RMSE, VAL_RMSE_BEST
 from cfae.processes import machine
 from cfae.ranking import evaluate_ranking
 from cfae.recommender import ARTIFACT, Recommender
 from cfae.serving import MODEL
 from cfae.studies import job_trial
-from cfae.tracking import config_digest, git_commit, log_dataset, mlflow_client, runs_page, tracking_uri
+from cfae.tracking import (
+    config_digest,
+    git_commit,
+    log_dataset,
+    mlflow_client,
+    runs_page,
+    serve_command,
+    tracking_uri,
+    ui_base,
+    ui_command,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +160,7 @@ def run_logger(cfg: DictConfig, digest: str):
     if choice(cfg, "experiment"):  # a row of the study (conf/experiment/)
         tags["cfae.row"] = choice(cfg, "experiment")
     if sweep.get("trial") is not None:
-        run_name = f"{run_name}-trial{sweep.trial}"
+        run_name = f"trial{sweep.trial}-{run_name}"
         tags.update({"optuna.study": sweep.study, "optuna.trial": str(sweep.trial)})
         if sweep.get("parent_run_id"):
             tags["mlflow.parentRunId"] = sweep.parent_run_id
@@ -159,11 +170,11 @@ def run_logger(cfg: DictConfig, digest: str):
     return instantiate(cfg.logger, run_name=cfg.logger.run_name or run_name, tags=tags)
 
 
-def describe_run(logger, cfg: DictConfig, datamodule) -> None:
-    """Start the logger's MLflow run with the resolved config, the dataset's statistics and checksum and the
-    git commit."""
+def describe_run(logger, cfg: DictConfig, datamodule, knobs: dict) -> None:
+    """Start the logger's MLflow run with the resolved config (each sweep knob the model takes with the value it
+    ran with, set or not: the runs table's columns), the dataset's statistics and checksum and the git commit."""
     fixed, split, part = which_split(cfg)
-    logger.log_hyperparams(run_params(cfg))
+    logger.log_hyperparams({**run_params(cfg), **knobs})
     logger.log_hyperparams({"model": model_name(cfg)})  # beside model/<argument>: which model, in one short column
     logger.log_hyperparams({f"dataset/{k}": v for k, v in datamodule.stats.items()})
     logger.log_hyperparams({"dataset/val_rmse_of_the_mean": round(datamodule.baseline_rmse, 4)})  # the reference
@@ -228,6 +239,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return fit(cfg).metrics
 
 
+@quiet()  # the libraries' start-up chatter, for the call only: a notebook's logging stays its own
 def fit(cfg: DictConfig) -> Trained:
     """Fit on the training part, early-stop on `val/rmse`, evaluate the best checkpoint on the test part.
 
@@ -249,8 +261,9 @@ def fit(cfg: DictConfig) -> Trained:
             torch.set_num_threads(cfg.threads)
         datamodule = build(cfg.data)
         datamodule.setup("fit")
-        check_against_data(cfg, datamodule.stats["n_items"])
-        cfg = with_model_defaults(cfg)  # every value the model runs with, for config.yaml and MLflow
+        check_against_data(cfg, datamodule.stats["n_items"], datamodule.rating_range)
+        composed, cfg = cfg, with_model_defaults(cfg)  # every value the model runs with, for config.yaml and MLflow
+        knobs = knob_values(composed.model, cfg.model)
         model = build_model(cfg, datamodule)
         if model.closed_form and cfg.get("resume"):
             raise ConfigError(f"resume={cfg.resume}: {type(model).__name__} is solved in closed form; "
@@ -262,9 +275,6 @@ def fit(cfg: DictConfig) -> Trained:
             raise ConfigError(f"refit=true: {cfg.resume} holds no record of its epochs' learning rates, which "
                               f"the refit replays; resume it without refit=true, or train it again")
         sweep = cfg.get("sweep") or {}
-        if sweep.get("trial") is not None and cfg.get("refit"):
-            raise ConfigError("refit=true in a sweep: trials are compared on validation, which refitting does "
-                              "not change; refit the chosen configuration with train.py")
         trial, beating = None, contextlib.nullcontext()
         if sweep.get("trial") is not None:  # report every epoch; with no pruner that only records the curve
             pruner = instantiate(sweep.pruner) if sweep.get("pruner") else optuna.pruners.NopPruner()
@@ -275,7 +285,7 @@ def fit(cfg: DictConfig) -> Trained:
         try:
             logger = run_logger(cfg, digest)
             if logger:
-                describe_run(logger, cfg, datamodule)
+                describe_run(logger, cfg, datamodule, knobs)
             with beating:
                 model, metrics = fit_and_test(cfg, model, datamodule, logger, last, trial)
         except BaseException as err:
@@ -299,7 +309,8 @@ def configured_callbacks(cfg: DictConfig, validated: bool = True) -> list:
 def tested(cfg: DictConfig, model, datamodule, checkpoint: str) -> float:
     """The test RMSE of `checkpoint`'s weights, logged nowhere."""
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False)
-    return float(trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)[0][TEST_RMSE])
+    return float(trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint, verbose=False,
+                              weights_only=True)[0][TEST_RMSE])
 
 
 def refit(cfg: DictConfig, datamodule, best: str,
@@ -308,7 +319,7 @@ def refit(cfg: DictConfig, datamodule, best: str,
     validation parts together, for as many epochs as it took to reach its best validation epoch, with the
     learning rates the run had in those epochs; nothing is chosen during it. Its weights:
     <output_dir>/checkpoints/refit.ckpt."""
-    epochs = torch.load(best, map_location="cpu", weights_only=False)["epoch"] + 1  # the run's own file
+    epochs = read_checkpoint(best)["epoch"] + 1
     merged = datamodule.with_validation_in_training()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg, merged, scheduled=False)
@@ -322,6 +333,19 @@ def refit(cfg: DictConfig, datamodule, best: str,
     path = Path(cfg.output_dir) / "checkpoints" / "refit.ckpt"
     trainer.save_checkpoint(path, weights_only=True)
     return model, str(path), epochs, seconds
+
+
+def log_validation_curve(logger, output_dir: Path) -> None:
+    """The run's val/rmse per epoch as a figure among its artifacts (val_rmse.png), zoomed on where the epoch is
+    chosen: MLflow's own chart scales to the first epochs' values, which can lie far above the rest."""
+    history = sorted(logger.experiment.get_metric_history(logger.run_id, VAL_RMSE), key=lambda m: (m.step, m.timestamp))
+    if len(history) < 2:  # a model solved in closed form: one value
+        return
+    from cfae.report import validation_curve  # matplotlib, only once a run has a curve to draw
+
+    name = logger.experiment.get_run(logger.run_id).info.run_name
+    path = validation_curve([m.value for m in history], output_dir / "val_rmse.png", name)
+    logger.experiment.log_artifact(logger.run_id, str(path))
 
 
 def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoint,
@@ -349,7 +373,7 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
         best = str(output_dir / "checkpoints" / "best.ckpt")
         trainer.save_checkpoint(best, weights_only=True)
     else:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.resume)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
         if last.interrupt is not None:  # stopped by a signal at the end of a batch; the state is saved
             raise Interrupted(last.interrupt.name)
         best = checkpoint.best_model_path
@@ -361,7 +385,7 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
         model, best, metrics[REFIT_EPOCHS], seconds = refit(cfg, datamodule, best, rates)
         metrics[FIT_SECONDS] += seconds
     if not pruned:  # no test for a trial the sweep gave up on
-        test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+        test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
         metrics[TEST_RMSE] = float(test[TEST_RMSE])
         if cfg.get("ranking"):  # on the best checkpoint, which trainer.test has loaded into the model
             ranking = evaluate_ranking(model, datamodule, **cfg.ranking)
@@ -383,6 +407,7 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
         if not logger.flush():
             raise RuntimeError("the tracking store still does not take this run's metrics; its checkpoints "
                                f"are in {output_dir / 'checkpoints'}")
+        log_validation_curve(logger, output_dir)
         logger.close("KILLED" if pruned else "FINISHED")
     if trial is not None:  # the job tells its own result: the study has it even if the sweeper dies now
         try:
@@ -398,8 +423,11 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
     log.info("%s after %d epochs (%.1f s): " + OBJECTIVE + "=%.4f  %s", "pruned" if pruned else "done",
              metrics[EPOCHS], metrics[FIT_SECONDS], metrics[OBJECTIVE], summary)
     log.info("checkpoints: %s", output_dir / "checkpoints")
-    if logger:
+    if logger and trial is not None:  # the sweep ends with where to look
+        log.info("MLflow run %s", logger.run_id)
+    elif logger:
         uri = tracking_uri(cfg.logger.uri)
-        log.info("MLflow run %s in %s; browse with: mlflow ui --backend-store-uri %s, then open %s",
-                 logger.run_id, uri, uri, runs_page(logger.experiment_id))
+        log.info("MLflow run %s in %s; browse: %s, then open %s", logger.run_id, uri, ui_command(uri),
+                 runs_page(logger.experiment_id, ui_base(uri)))
+        log.info("serve its model: %s", serve_command(logger.run_id, uri))
     return model, metrics

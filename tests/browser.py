@@ -1,8 +1,8 @@
 """A headless Chromium driven over the DevTools protocol, enough to test the MLflow UI: open a page, wait for
 what it renders, run JavaScript in it, take a screenshot. The websocket is aiohttp's, which MLflow installs.
 
-Also a command, to take the README's screenshot of a running `mlflow ui`:
-    python tests/browser.py URL OUT.png [--expand RUN_NAME_PREFIX]
+Also a command, to take the docs' screenshots of a running `mlflow ui`:
+    python tests/browser.py URL OUT.png [--expand RUN_NAME_PREFIX] [--text TEXT_THE_PAGE_SHOWS]
 """
 
 from __future__ import annotations
@@ -123,9 +123,12 @@ def expand(prefix: str) -> str:
   return Boolean(button); }})()"""
 
 
-async def _shoot(url: str, out: str, prefix: str | None) -> None:
+async def _shoot(url: str, out: str, prefix: str | None, text: str | None = None) -> None:
     async with Page(url, 1600, 900) as page:
-        await page.wait_for(f"{ROWS}.length > 0")
+        if text:  # a page other than the runs table: wait for what it shows
+            await page.wait_for(f"document.body.innerText.includes({json.dumps(text)})")
+        else:
+            await page.wait_for(f"{ROWS}.length > 0")
         await page.evaluate(CLOSE_ASSISTANT)
         if prefix:
             before = len(await page.evaluate(ROWS))
@@ -143,5 +146,6 @@ if __name__ == "__main__":
     parser.add_argument("url")
     parser.add_argument("out")
     parser.add_argument("--expand", help="expand the run whose name starts with this")
+    parser.add_argument("--text", help="wait until the page shows this text (a page other than the runs table)")
     args = parser.parse_args()
-    asyncio.run(_shoot(args.url, args.out, args.expand))
+    asyncio.run(_shoot(args.url, args.out, args.expand, args.text))

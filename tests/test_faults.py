@@ -348,6 +348,11 @@ BAD = {
                                 "min(rows, columns) - 1 = 199 for this data"),
     "data.min_item_ratings=100000": "no ratings left after dropping movies with fewer than 100000 ratings",
     "ranking.k=500": "ranking.k=500: must be below the number of items, 200 in this data",
+    "ranking.threshold=99": "ranking.threshold=99: must lie on this data's rating scale, 1 to 5",
+    "threads=-2": "threads=-2: must be an integer >= 1",
+    "data.seed=-1": "data.seed=-1: must be an integer >= 0",
+    "trainer.devices=2": "trainer.devices=2: a run trains on one device (1, or [i] for GPU i)",
+    "trainer.devices=[0,1]": "trainer.devices=[0, 1]: a run trains on one device",
 }
 
 
@@ -362,6 +367,114 @@ def test_a_bad_value_is_refused_in_one_line_before_a_run_is_created(data_root, t
     assert mlflow_runs(tmp_path) == []
 
 
+def test_a_checkpoint_is_read_as_tensors_only_and_one_that_would_run_code_is_refused(data_root, tmp_path):
+    """A file whose pickle would run code (here: create a file) is refused, and runs nothing, before any run
+    starts: with refit=true too, which reads the checkpoint's learning rates first."""
+    import pickle
+
+    import cfae.train
+    from cfae.checks import UsageError
+
+    planted = tmp_path / "planted"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(planted), "w"))
+
+    bad = tmp_path / "last.ckpt"
+    with bad.open("wb") as f:
+        pickle.dump({"optimizer_states": [], "payload": Payload()}, f)
+    import torch
+
+    torch.save({"optimizer_states": [], "payload": Payload()}, tmp_path / "zipped.ckpt")
+    for path in (bad, tmp_path / "zipped.ckpt"):
+        for extra in ((), ("refit=true",)):
+            with pytest.raises(UsageError) as refused:
+                cfae.train.fit(compose(data_root, tmp_path, f"resume={path}", *extra))
+            assert str(refused.value).startswith(f"resume={path}: ") and "\n" not in str(refused.value)
+    assert not planted.exists() and mlflow_runs(tmp_path) == []
+
+
+def test_resume_takes_a_runs_full_state_not_its_best_weights(data_root, tmp_path):
+    import cfae.train
+    from cfae.checks import UsageError
+
+    cfae.train.fit(compose(data_root, tmp_path / "first"))
+    best = tmp_path / "first" / "out" / "checkpoints" / "best.ckpt"
+    with pytest.raises(UsageError, match=f"resume={best}: holds a model's weights only, not a run's training state"):
+        cfae.train.fit(compose(data_root, tmp_path, f"resume={best}"))
+    assert mlflow_runs(tmp_path) == []
+
+
+def test_no_cfae_module_unpickles_with_weights_only_false():
+    found = [f"{p.relative_to(ROOT)}:{n}" for p in (ROOT / "cfae").rglob("*.py")
+             for n, line in enumerate(p.read_text().splitlines(), 1) if "weights_only=False" in line]
+    assert found == []
+
+
+def test_a_rating_off_the_releases_steps_is_refused_with_its_line(tmp_path):
+    from cfae.checks import DataError
+    from cfae.data.movielens import DATASETS, read_ratings
+
+    spec = DATASETS["ml100k"]
+    path = tmp_path / "u.data"
+    path.write_text("1\t2\t4\t881250949\n1\t3\t3.5\t881250950\n")
+    with pytest.raises(DataError, match=r"u.data line 2: rating 3.5 is not on the scale \(1 to 5 in steps of 1\)"):
+        read_ratings(path, spec.separator, rating_step=spec.rating_step)
+    half = DATASETS["ml20m"]
+    halves = read_ratings(path, "\t", rating_min=half.rating_min, rating_step=half.rating_step)
+    assert halves.ratings.tolist() == [4, 3.5]
+
+
+def test_a_read_only_store_is_said_in_one_line(tmp_path, monkeypatch):
+    from cfae.stores import StoreError
+
+    mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(str(tmp_path)) and
+                        mode == os.W_OK else real_access(p, mode))  # as for a user who may not write there
+    with pytest.raises(StoreError, match="mlflow.db is read-only; point logger.uri"):
+        mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def test_a_web_server_that_is_not_mlflow_is_said_at_once(tmp_path):
+    from cfae.stores import StoreError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 30, "the web server")
+        with pytest.raises(StoreError, match=f"http://127.0.0.1:{port} answers, but not as an MLflow tracking "
+                                             r"server \(HTTP 404"):
+            mlflow_client(f"http://127.0.0.1:{port}")
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_a_run_whose_store_is_locked_while_it_starts_tries_again(data_root, tmp_path, monkeypatch):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    import cfae.train
+
+    real_create, calls = MlflowClient.create_run, []
+
+    def busy_once(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return real_create(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "create_run", busy_once)
+    trained = cfae.train.fit(compose(data_root, tmp_path))
+    (r,) = mlflow_runs(tmp_path)
+    assert len(calls) == 2 and r.info.run_id == trained.run_id and r.info.status == "FINISHED"
+
+
 def test_the_accelerator_asked_for_must_be_there(monkeypatch):
     import torch
 
@@ -371,6 +484,42 @@ def test_the_accelerator_asked_for_must_be_there(monkeypatch):
     with pytest.raises(ConfigError, match="trainer.accelerator=gpu: this machine has no CUDA GPU"):
         _check_accelerator("gpu")
     _check_accelerator("cpu")
+
+
+def test_a_runs_log_is_a_line_an_epoch_and_ends_with_where_to_look(data_root, tmp_path):
+    done = run("train.py", tmp_path, data_root, "trainer.max_epochs=3", "hidden=16")
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert len(done.stdout.encode()) < 10_000 and "\r" not in done.stdout and "it/s" not in done.stdout
+    assert done.stdout.count("[cfae.callbacks][INFO] - epoch ") == 3
+    (r,) = mlflow_runs(tmp_path)
+    last = [line.split("] - ", 1)[-1] for line in done.stdout.strip().splitlines()[-2:]]
+    assert last[0].startswith(f"MLflow run {r.info.run_id} in sqlite:///mlruns/mlflow.db; browse: mlflow ui "
+                              f"--backend-store-uri sqlite:///mlruns/mlflow.db, then open http://127.0.0.1:5000/")
+    assert last[1] == (f"serve its model: MLFLOW_TRACKING_URI=sqlite:///mlruns/mlflow.db mlflow models serve "
+                       f"-m runs:/{r.info.run_id}/model --env-manager local -p 5001")
+    assert "val_rmse.png" in {a.path for a in MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db").list_artifacts(
+        r.info.run_id)}
+
+
+def test_the_python_api_is_quiet_for_the_call_and_leaves_the_logging_as_it_was(data_root, tmp_path, capfd):
+    import logging
+
+    import cfae
+
+    chatty = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    chatty.setLevel(logging.INFO)
+    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")  # as an earlier command line may have left it
+    logging.basicConfig(level=logging.INFO, force=True)  # a notebook that shows INFO lines
+    try:
+        trained = cfae.fit(compose(data_root, tmp_path, "trainer.enable_progress_bar=false"))
+        cfae.load(trained.run_id, tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+        shown = capfd.readouterr()
+        assert "GPU available" not in shown.err and "Downloading artifacts" not in shown.err + shown.out
+        assert "Validating input example" not in shown.err and "CloudPickle" not in shown.err
+        assert chatty.level == logging.INFO and os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR") == bar
+    finally:
+        chatty.setLevel(logging.NOTSET)
+        logging.basicConfig(level=logging.WARNING, force=True)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import pytest
 
 import cfae
 from cfae import recommend
+from cfae.checks import UsageError
 from cfae.models import AutoRec
 from cfae.ranking import score_matrix
 from cfae.recommender import UnknownId
@@ -82,6 +83,38 @@ def test_unknown_ids_get_the_popular_fallback_or_a_clear_error(fitted):
         rec.predict([99999], [1])
 
 
+def test_many_users_are_answered_together_as_each_alone(fitted):
+    trained, uri, tmp_path = fitted
+    rec = cfae.load(tmp_path / "out")
+    users = [USER, 99999, 3, USER, 11]  # an unknown user and a repeated one among them
+    together = rec.recommend_many(users, 7)
+    assert together == [rec.recommend(u, 7) for u in users]
+    assert [r.movie_id for r in together[2]] == own_ranking(trained, 3, 7)
+    rated = len(rec.user_ratings()[rec.user_index[USER]].indices)
+    assert len(rec.recommend(USER, 10_000)) == len(rec.item_ids) - rated  # no rated movie fills a long list
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True, "3"])
+def test_k_must_be_a_positive_integer(fitted, k):
+    trained, uri, tmp_path = fitted
+    with pytest.raises(UsageError, match=rf"^k={k}: must be an integer >= 1"):
+        cfae.load(tmp_path / "out").recommend(USER, k)
+
+
+@pytest.mark.parametrize("user", [42.7, "42.7", None, True])
+def test_an_id_that_is_not_a_whole_number_is_refused_not_rounded(fitted, user):
+    _, _, tmp_path = fitted
+    with pytest.raises(UsageError, match="not an id of this model's data"):
+        cfae.load(tmp_path / "out").recommend(user, 3)
+
+
+def test_the_saved_model_is_code_and_data_not_a_pickle(fitted):
+    _, _, tmp_path = fitted
+    model = tmp_path / "out" / "model"
+    assert not list(model.rglob("*.pkl")) and (model / "pyfunc_model.py").is_file()
+    assert "loader_module: mlflow.pyfunc.loaders.code_model" in (model / "MLmodel").read_text()
+
+
 def test_the_command_prints_the_same_list(fitted, capsys):
     trained, uri, _ = fitted
     assert recommend.main([f"run={trained.run_id}", f"user={USER}", "k=10", f"uri={uri}"]) == 0
@@ -90,11 +123,15 @@ def test_the_command_prints_the_same_list(fitted, capsys):
     assert [int(line.split()[1]) for line in lines[2:]] == own_ranking(trained, USER, 10)
 
 
-def test_the_command_refuses_bad_arguments_in_one_line(capsys):
-    with pytest.raises(SystemExit):
-        recommend.main(["user=7"])
-    expected = "error: give the model as run=<MLflow run id> or path=<folder>, one of the two"
-    assert capsys.readouterr().err.strip() == expected
+@pytest.mark.parametrize("args, expected", [
+    (["user=7"], "give the model as run=<MLflow run id> or path=<folder>, one of the two"),
+    (["path=x", "user=7", "k=-1"], "k=-1: must be an integer >= 1 (how many movies to recommend)"),
+    (["path=x", "user=7", "k=0"], "k=0: must be an integer >= 1 (how many movies to recommend)"),
+])
+def test_the_command_refuses_bad_arguments_in_one_line(capsys, args, expected):
+    with pytest.raises(SystemExit) as exit_:
+        recommend.main(args)
+    assert exit_.value.code == 1 and capsys.readouterr().err.strip() == f"error: {expected}"
 
 
 def test_a_checkpoint_rebuilds_its_model_from_its_own_hyperparameters(fitted):
@@ -118,6 +155,15 @@ def test_the_pyfunc_model_answers_top_k_lists_and_pairs_as_the_recommender_does(
     movies = [int(m) for m in trained.datamodule.item_ids[:3]]
     pairs = model.predict(pd.DataFrame({"user_id": [USER] * 3, "movie_id": movies}))
     np.testing.assert_allclose(pairs.rating, rec.predict([USER] * 3, movies), rtol=1e-6)
+    from cfae.serving import RequestError
+
+    for request, params, expected in (
+            ({"user_id": [USER]}, {"k": -1}, "k=-1: must be an integer >= 1"),
+            ({"user_id": [42.7]}, None, "user id 42.7: not an id of this model's data"),
+            ({"user_id": [USER], "movie_id": [4242]}, None, "movie 4242 is not in the model's data")):
+        with pytest.raises(RequestError) as refused:
+            model.predict(pd.DataFrame(request), params=params)
+        assert refused.value.message.startswith(expected) and refused.value.get_http_status_code() == 400
 
 
 @pytest.mark.slow
@@ -128,6 +174,7 @@ def test_mlflow_models_serve_answers_a_real_http_request_with_the_same_list(fitt
     import subprocess
     import sys
     import time
+    import urllib.error
     import urllib.request
 
     trained, uri, tmp_path = fitted
@@ -148,11 +195,27 @@ def test_mlflow_models_serve_answers_a_real_http_request_with_the_same_list(fitt
             except OSError:
                 assert server.poll() is None, server.stdout.read()[-3000:]
                 time.sleep(0.5)
-        body = json.dumps({"dataframe_records": [{"user_id": USER}], "params": {"k": 10}}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
-                                         {"Content-Type": "application/json"})
-        answer = json.loads(urllib.request.urlopen(request, timeout=30).read())["predictions"]
+        def ask(records: list[dict], params: dict | None = None) -> tuple[int, dict]:
+            body = json.dumps({"dataframe_records": records, **({"params": params} if params else {})}).encode()
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
+                                             {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    return answer.status, json.loads(answer.read())
+            except urllib.error.HTTPError as refused:
+                return refused.code, json.loads(refused.read())
+
+        status, answer = ask([{"user_id": USER}], {"k": 10})
+        refusals = [ask([{"user_id": USER}], {"k": -1}), ask([{"user_id": 42.7}]),
+                    ask([{"user_id": USER, "movie_id": 4242}])]
     finally:
         server.terminate()
         server.wait(timeout=30)
-    assert [row["movie_id"] for row in answer] == own_ranking(trained, USER, 10)
+    assert status == 200 and [row["movie_id"] for row in answer["predictions"]] == own_ranking(trained, USER, 10)
+    # MLflow's scoring server answers cfae's refusals with 400 and cfae's own line: no request, no stack trace
+    assert [(code, body["message"]) for code, body in refusals] == [
+        (400, "k=-1: must be an integer >= 1 (how many movies to recommend)"),
+        (400, "user id 42.7: not an id of this model's data (its ids are whole numbers)"),
+        (400, "movie 4242 is not in the model's data (80 movies; movies with too few ratings were dropped before "
+              "training)")]
+    assert not any("stack_trace" in body for _, body in refusals)

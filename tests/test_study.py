@@ -142,7 +142,7 @@ def test_the_report_has_every_row_with_intervals_and_all_six_figures(mini_study)
     # where, when and how: the machine the runs recorded, their date, the study's and the report's commands
     from cfae.processes import machine
 
-    assert f"{machine()}; python -m cfae.study --config {tmp_path / 'plan.yaml'}" in text
+    assert f"{machine()}; python -m cfae.study --config '<dir>/plan.yaml'" in text  # no folder of this machine
     assert "; python -m cfae.report" in text and datetime.now(timezone.utc).date().isoformat() in text
     (logged,) = client.search_runs([client.get_experiment_by_name("cfae").experiment_id], "tags.`cfae.report` = 'mini'")
     names = {a.path for a in client.list_artifacts(logged.info.run_id)}
@@ -202,3 +202,31 @@ def test_the_report_shows_the_model_validation_chose_beside_a_refit_one(caplog):
     assert "mf at 90-10: some folds were run with refit=true and some without" in caplog.text
     text = report.markdown(report.table(plain), "plain", "python -m cfae.study")
     assert "before refit" not in text and "refit=true" not in text
+
+
+def test_a_reports_commands_name_no_folder_of_the_authors_machine(tmp_path):
+    from cfae.report import portable
+
+    written = ("python -m cfae.study --output-dir /work/s21/out --only 'autorec/80-20/*' "
+               f"logger.uri=sqlite:////work/s21/mlflow.db --config {tmp_path}/conf/plan.yaml")
+    assert portable(written, here=tmp_path) == (
+        "python -m cfae.study --output-dir '<dir>/out' --only 'autorec/80-20/*' "
+        "'logger.uri=sqlite:///<dir>/mlflow.db' --config conf/plan.yaml")
+    assert portable("python -m cfae.report --out reports") == "python -m cfae.report --out reports"
+
+
+def test_a_figures_footer_is_wrapped_to_the_figure_and_names_no_absolute_path(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from cfae.report import provenance, stamp
+
+    records = [{"machine": "AMD EPYC, 2 cores, no GPU", "date": "2026-12-06",
+                "command": "python -m cfae.study --jobs 2 --only " + ",".join(f"row{i}/80-20/*" for i in range(20))
+                           + " logger.uri=sqlite:////home/someone/runs/mlflow.db"}]
+    fig, _ = plt.subplots(figsize=(5.5, 3.8))
+    stamp(fig, provenance(records, "python -m cfae.report --uri sqlite:////home/someone/runs/mlflow.db"))
+    fig.canvas.draw()
+    (footer,) = fig.texts
+    box = footer.get_window_extent()
+    assert box.x1 <= fig.bbox.x1 and "/home/someone" not in footer.get_text()
+    plt.close(fig)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -295,3 +296,46 @@ def test_a_swept_knob_the_model_does_not_use_is_refused_before_any_trial(data_ro
     assert done.stderr.strip().splitlines()[-1] == ("error: dropout=(swept): cfae.models.VAE has no use for this "
                                                     "knob; it takes hidden, depth, noise")
     assert not (tmp_path / "mlruns" / "optuna.db").exists() or not study(tmp_path, "vae-ml1m-item-fold0").trials
+
+
+def test_a_sweep_logs_quietly_and_ends_with_its_result(data_root, tmp_path):
+    """Output to a file: no progress bars, one line per epoch; the last lines name the best value and its
+    settings, the sweep's MLflow run, the registered model and the link that opens it."""
+    done = ok(sweep(tmp_path, data_root, "model=autorec", "hidden=16,32", "trainer.max_epochs=2"))
+    log = done.stdout + done.stderr
+    assert len(log.encode()) < 20_000 and "\r" not in log and "it/s" not in log, len(log.encode())
+    best = study(tmp_path, "autorec-ml1m-item-fold0").best_trial
+    client, all_runs = runs(tmp_path)
+    parent = next(r for r in all_runs if r.info.run_name.startswith("sweep-"))
+    (version,) = client.search_model_versions("name = 'cfae-autorec-ml1m-item-fold0'")
+    last = [line.split("] ", 1)[-1] for line in done.stdout.strip().splitlines()[-4:]]
+    assert last[0] == f"best: val/rmse_best={best.value:.4f}, trial {best.number}: hidden={best.params['hidden']}"
+    assert last[1].startswith("results: multirun/") and last[1].endswith("/optimization_results.yaml")
+    assert last[2] == (f"MLflow: the sweep is run {parent.info.run_id}, its best trial run {version.run_id}, "
+                       f"registered as models:/cfae-autorec-ml1m-item-fold0/{version.version}")
+    assert last[3] == (f"browse: mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db, then open "
+                       f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+                       "?workflowType=machine_learning")
+    results = yaml.safe_load((tmp_path / last[1].removeprefix("results: ")).read_text())
+    assert results == {"name": "optuna", "best_params": {"hidden": best.params["hidden"]}, "best_value": best.value}
+    assert parent.data.metrics["val/rmse_best"] == pytest.approx(best.value)  # the runs table's column
+    trial_runs = [r for r in all_runs if "optuna.trial" in r.data.tags]
+    assert sorted(r.info.run_name.split("-")[0] for r in trial_runs) == ["trial0", "trial1"]
+    assert {r.data.params["hidden"] for r in trial_runs} == {"16", "32"}
+
+
+def test_a_sweep_refused_up_front_runs_nothing_and_the_corrected_one_runs_every_point(data_root, tmp_path):
+    refused = sweep(tmp_path, data_root, *FAST, "model=autorec", "hidden=8,16", "refit=true")
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1] == (
+        "error: refit=true in a sweep: trials are compared on validation, which refitting does not change; "
+        "refit the chosen configuration with train.py")
+    assert not (tmp_path / "mlruns" / "optuna.db").exists() or not study(tmp_path, "autorec-ml1m-item-fold0").trials
+    # a value only the data can refuse stops the sweep at its first trial, which does not count as run
+    in_job = sweep(tmp_path, data_root, *FAST, "model=autorec", "hidden=8,16", "ranking.k=1000")
+    assert in_job.returncode == 1
+    assert in_job.stderr.strip().splitlines()[-1].startswith("error: ranking.k=1000: must be below the number of items")
+    (first,) = study(tmp_path, "autorec-ml1m-item-fold0").trials
+    assert first.state == TrialState.FAIL and "refused" in first.user_attrs
+    ok(sweep(tmp_path, data_root, *FAST, "model=autorec", "hidden=8,16"))
+    done = [t for t in study(tmp_path, "autorec-ml1m-item-fold0").trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["hidden"] for t in done) == [8, 16]

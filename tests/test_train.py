@@ -222,12 +222,15 @@ def test_the_callbacks_group_chooses_the_optional_callbacks(trained, data_root, 
 
 
 def test_a_closed_form_model_is_solved_validated_and_tested_without_epochs(data_root, tmp_path):
+    import torch
+
     import cfae
 
     trained = cfae.fit(config(data_root, tmp_path, "model=svd", "hidden=4", "ranking=null"))
     assert trained.metrics["epochs"] == 0 and 0 < trained.metrics["test/rmse"] < 1.2
     assert trained.model.optimizer_factory is None and (tmp_path / "out" / "checkpoints" / "best.ckpt").is_file()
-    last = tmp_path / "out" / "checkpoints" / "best.ckpt"
+    last = tmp_path / "last.ckpt"  # a training state, as another model's run would leave it
+    torch.save({"optimizer_states": [], "epoch": 1}, last)
     with pytest.raises(ConfigError, match="ImputedSVD is solved in closed form; there is no training to resume"):
         cfae.fit(config(data_root, tmp_path / "again", "model=svd", "hidden=4", f"resume={last}"))
 

@@ -170,7 +170,8 @@ class MovieLensDataModule(L.LightningDataModule):
         else:
             path = locate_ratings(self.dataset, self.root, self.download)
             spec = self.spec
-            ratings = read_ratings(path, spec.separator, spec.header, spec.rating_min, spec.rating_max)
+            ratings = read_ratings(path, spec.separator, spec.header, spec.rating_min, spec.rating_max,
+                                   spec.rating_step)
             source, checksum = str(path), file_digest(path)
             self.titles = read_titles(path, spec)  # movie id -> title, for recommendations
         rm = build_matrix(ratings, self.min_item_ratings, source=source)

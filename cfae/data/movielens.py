@@ -46,6 +46,7 @@ class DatasetSpec:
     header: bool = False
     rating_min: float = 1.0
     rating_max: float = 5.0
+    rating_step: float = 1.0  # whole stars; ML-10M and ML-20M rate in half stars
     titles_file: str = "movies.dat"  # movie id, title, ... (latin-1 before ML-20M, UTF-8 CSV in it)
 
 
@@ -56,9 +57,10 @@ DATASETS: dict[str, DatasetSpec] = {
     "ml1m": DatasetSpec("ml-1m", "ratings.dat", "::", f"{GROUPLENS}/ml-1m.zip", "c4d9eecfca2ab87c1945afe126590906"),
     # ML-10M unpacks to ml-10M100K/; its ratings (and ML-20M's) go in half stars from 0.5
     "ml10m": DatasetSpec("ml-10M100K", "ratings.dat", "::", f"{GROUPLENS}/ml-10m.zip",
-                         "ce571fd55effeba0271552578f2648bd", rating_min=0.5),
+                         "ce571fd55effeba0271552578f2648bd", rating_min=0.5, rating_step=0.5),
     "ml20m": DatasetSpec("ml-20m", "ratings.csv", ",", f"{GROUPLENS}/ml-20m.zip",
-                         "cd245b17a1ae2cc31bb14903e1204af3", header=True, rating_min=0.5, titles_file="movies.csv"),
+                         "cd245b17a1ae2cc31bb14903e1204af3", header=True, rating_min=0.5, rating_step=0.5,
+                         titles_file="movies.csv"),
 }
 
 
@@ -173,9 +175,10 @@ class Ratings(NamedTuple):
     first_line: int = 1
 
 
-def read_ratings(path: str | Path, separator: str, header: bool = False,
-                 rating_min: float = 1.0, rating_max: float = 5.0) -> Ratings:
-    """Read `user<sep>item<sep>rating[<sep>timestamp]` lines, every line with the same number of fields.
+def read_ratings(path: str | Path, separator: str, header: bool = False, rating_min: float = 1.0,
+                 rating_max: float = 5.0, rating_step: float | None = None) -> Ratings:
+    """Read `user<sep>item<sep>rating[<sep>timestamp]` lines, every line with the same number of fields, each
+    rating on the scale (and, given `rating_step`, a whole number of steps above `rating_min`).
 
     Blank lines at the end are ignored; anywhere else they are an error, so that rating i is always on
     line `first_line + i`. The file is parsed in one vectorised pass; only if that finds a problem is it
@@ -205,14 +208,20 @@ def read_ratings(path: str | Path, separator: str, header: bool = False,
         items = table[:, 1].astype(np.int64)
         ratings = table[:, 2].astype(np.float32)
     except (ValueError, OverflowError):  # OverflowError: an id beyond int64
-        raise _first_bad_line(path, body, first_line, separator, rating_min, rating_max) from None
-    if not (np.all(ratings >= rating_min) and np.all(ratings <= rating_max)):
-        raise _first_bad_line(path, body, first_line, separator, rating_min, rating_max)
+        raise _first_bad_line(path, body, first_line, separator, rating_min, rating_max, rating_step) from None
+    if not (np.all(ratings >= rating_min) and np.all(ratings <= rating_max) and
+            (rating_step is None or np.all(off_step(ratings, rating_min, rating_step) == 0))):
+        raise _first_bad_line(path, body, first_line, separator, rating_min, rating_max, rating_step)
     return Ratings(users, items, ratings, path, first_line)
 
 
+def off_step(ratings, rating_min: float, rating_step: float):
+    """How far each rating lies from the scale's steps (0 on a step)."""
+    return np.fmod(np.asarray(ratings, dtype=np.float64) - rating_min, rating_step)
+
+
 def _first_bad_line(path: Path, body: bytes, first_line: int, separator: str,
-                    rating_min: float, rating_max: float) -> DataError:
+                    rating_min: float, rating_max: float, rating_step: float | None = None) -> DataError:
     """The error for the first line of `body` (which starts on line `first_line`) that read_ratings cannot
     take. It splits and converts the same bytes the same way (numpy's int64 cast of bytes is int()), so
     it finds every line the vectorised pass rejected."""
@@ -228,14 +237,15 @@ def _first_bad_line(path: Path, body: bytes, first_line: int, separator: str,
         if count not in allowed:
             problem = f"expected {expected} fields separated by {separator!r}, got {count}"
         else:
-            problem = _field_problem(line.replace(sep, b" ").split(), rating_min, rating_max)
+            problem = _field_problem(line.replace(sep, b" ").split(), rating_min, rating_max, rating_step)
         if problem:
             shown = line.strip().decode("utf-8", errors="replace")[:80]
             return DataError(f"{path} line {number}: {problem}: {shown!r}")
     return DataError(f"{path}: unreadable ratings file")  # unreachable while both passes parse alike
 
 
-def _field_problem(fields: list[bytes], rating_min: float, rating_max: float) -> str | None:
+def _field_problem(fields: list[bytes], rating_min: float, rating_max: float,
+                   rating_step: float | None = None) -> str | None:
     try:
         user, item, rating = int(fields[0]), int(fields[1]), float(fields[2])
     except ValueError:
@@ -245,6 +255,8 @@ def _field_problem(fields: list[bytes], rating_min: float, rating_max: float) ->
     # read_ratings compares float32 values: judge the same number
     if not rating_min <= rating <= rating_max and not rating_min <= np.float32(rating) <= rating_max:
         return f"rating {rating:g} outside [{rating_min:g}, {rating_max:g}]"
+    if rating_step is not None and off_step(np.float32(rating), rating_min, rating_step) != 0:
+        return f"rating {rating:g} is not on the scale ({rating_min:g} to {rating_max:g} in steps of {rating_step:g})"
     return None
 
 
