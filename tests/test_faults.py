@@ -158,7 +158,7 @@ def test_sigterm_to_a_sweep_fails_the_running_trial_for_a_retry_and_closes_its_r
     assert retry.state == TrialState.WAITING and retry.params == stopped.params
     closed = {r.info.run_name: (r.info.status, r.data.tags.get("error")) for r in mlflow_runs(tmp_path)}
     assert closed == {"sweep-tpe": ("KILLED", "interrupted (SIGTERM)"),
-                      "autorec-ml1m-item-fold0-trial0": ("KILLED", "interrupted (SIGTERM)")}
+                      "trial0-autorec-ml1m-item-fold0": ("KILLED", "interrupted (SIGTERM)")}
 
 
 def last_checkpoints_of_sweep(cwd: Path) -> list[Path]:
