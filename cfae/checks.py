@@ -197,7 +197,12 @@ def read_checkpoint(path: str | Path, what: str | None = None) -> dict:
     import pickle
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors read as used
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # torch.save's legacy format
     except pickle.UnpicklingError:
         raise ConfigError(f"{what or path}: holds objects other than tensors and plain values, which cfae "
                           f"does not load (unpickling them could run code)") from None
