@@ -32,7 +32,7 @@ from torch import nn
 from cfae.callbacks import EpochTimer
 from cfae.configs import precision
 from cfae.console import quiet_benchmark
-from cfae.data import MovieLensDataModule
+from cfae.data import RatingsDataModule
 from cfae.models import VAE, AutoRec, DeepAutoencoder
 from cfae.processes import device_clock, keep_freed_memory, machine, timings
 
@@ -126,7 +126,7 @@ def cfae_model(name: str, n_cols: int, sampled_output: str | bool) -> L.Lightnin
     return VAE(n_inputs=n_cols, layer_sizes=[500, 200], **common)
 
 
-def cfae_epochs(name: str, dm: MovieLensDataModule, epochs: int, sampled_output: str | bool,
+def cfae_epochs(name: str, dm: RatingsDataModule, epochs: int, sampled_output: str | bool,
                 precision: str, device: torch.device) -> list[float]:
     timer = EpochTimer()
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -151,7 +151,7 @@ def main() -> None:
     sampled = {"true": True, "false": False}.get(args.sampled_output, "auto")
     keep_freed_memory()  # as train.py does; the reference loops share the process and so the setting
     root = os.environ.get("CFAE_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
-    dm = MovieLensDataModule(dataset="ml1m", root=root, orientation="item", batch_size=args.batch_size)
+    dm = RatingsDataModule(dataset="ml1m", root=root, orientation="item", batch_size=args.batch_size)
     dm.setup()
     print(f"ml1m: {dm.train_matrix.shape[0]} item rows x {dm.n_cols} users, {dm.train_matrix.nnz} training "
           f"ratings; torch {torch.__version__}, {torch.get_num_threads()} threads; cfae precision {args.precision}")

@@ -28,7 +28,8 @@ import scipy.sparse as sp
 import torch
 
 from cfae.configs import compose
-from cfae.data.movielens import build_matrix, read_ratings
+from cfae.data.movielens import read_ratings
+from cfae.data.ratings import build_matrix
 from cfae.models import GLocalK
 from cfae.models.kernel import lbfgs_step
 from cfae.processes import keep_freed_memory, machine

@@ -32,7 +32,7 @@ def one(name: str, batch_size: int) -> dict:
     from cfae.callbacks import EpochTimer
     from cfae.configs import precision
     from cfae.console import quiet_benchmark
-    from cfae.data import MovieLensDataModule
+    from cfae.data import RatingsDataModule
     from cfae.models import AutoRec
     from cfae.processes import keep_freed_memory
     from cfae.synthetic import planted_ratings
@@ -43,10 +43,10 @@ def one(name: str, batch_size: int) -> dict:
     if name in SYNTHETIC:
         users, items = ML20M_SHAPE
         ratings = planted_ratings(users, items, density=SYNTHETIC[name] / (users * items), seed=0)
-        dm = MovieLensDataModule.from_ratings(ratings, name=name, **common)
+        dm = RatingsDataModule.from_ratings(ratings, name=name, **common)
     else:
         root = os.environ.get("CFAE_DATA_DIR") or str(ROOT.parent / "shared" / "data")
-        dm = MovieLensDataModule(dataset=name, root=root, download=False, **common)
+        dm = RatingsDataModule(dataset=name, root=root, download=False, **common)
     dm.setup()
     timer = EpochTimer()
     model = AutoRec(n_inputs=dm.n_cols, hidden_size=500,

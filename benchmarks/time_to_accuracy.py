@@ -115,7 +115,7 @@ def surprise_data(overrides: list[str]):
 
     dm = build(compose(*overrides).data)
     dm.setup()
-    train_val, test = dm.train_val_matrix.tocoo(), dm.test_matrix.tocoo()
+    train_val, test = dm.test_inputs.tocoo(), dm.test_matrix.tocoo()
     frame = pd.DataFrame({"row": train_val.row, "col": train_val.col, "rating": train_val.data})
     reader = Reader(rating_scale=dm.rating_range)
     trainset = Dataset.load_from_df(frame[["row", "col", "rating"]], reader).build_full_trainset()

@@ -89,7 +89,9 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str], str]] = [
     ("optimizer.lr", positive, "the learning rate"),
     ("optimizer.weight_decay", non_negative, ""),
     ("optimizer.momentum", non_negative, ""),
-    ("ranking.k", positive_int, ""),
+    ("ranking.k", (lambda x: positive_int[0](x) or (isinstance(x, list) and len(x) > 0 and
+                                                   all(positive_int[0](v) for v in x)),
+                   "an integer >= 1 or a list of them"), "the cut-offs of Recall@k and NDCG@k"),
 ]
 
 
@@ -181,6 +183,7 @@ def check_against_data(cfg: DictConfig, n_items: int, rating_range: tuple[float,
     """A ranking cut-off below the number of items, and a relevance threshold on the rating scale. (What a
     model needs of the data, its constructor checks.)"""
     k = OmegaConf.select(cfg, "ranking.k")
+    k = max(k) if OmegaConf.is_config(k) or isinstance(k, list) else k
     if k is not None and k >= n_items:
         raise ConfigError(f"ranking.k={k}: must be below the number of items, {n_items} in this data "
                           f"(ranking=null skips the ranking metrics)")

@@ -23,7 +23,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from cfae.checks import KNOBS, ConfigError
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+# conf/ at a clone's top, where an editable install finds it; cfae/conf/ in an installed wheel (pyproject.toml)
+CONF = next((p for p in (Path(__file__).resolve().parents[1] / "conf", Path(__file__).parent / "conf")
+             if (p / "train.yaml").is_file()), Path(__file__).parent / "conf")
 
 # What the data and the optimizer group give every model (cfae/train.py): never a model config's to set.
 HANDED_OVER = {"n_inputs", "n_rows", "rating_min", "rating_max", "optimizer", "scheduler"}
@@ -56,6 +58,17 @@ def precision(accelerator: str = "auto") -> str:
     return "bf16-mixed" if accelerator in ("auto", "cpu") and cpu_has_amx() else "32-true"
 
 
+def split_name(split: str, fold: int) -> str:
+    """What a run holds out, for names: fold0 (random), users-fold0 (held-out users), else the split (u1,
+    temporal, leave_last)."""
+    return f"fold{fold}" if split == "random" else f"users-fold{fold}" if split == "users" else split
+
+
+def data_name(dataset: str, path: str | None = None) -> str:
+    """The data's short name, for names: the release (ml1m), or a table's file name without its suffix."""
+    return Path(path).stem if dataset == "table" and path else dataset
+
+
 def register_resolvers() -> None:
     """The resolvers conf/ uses; called by the entry points, `compose` and `fit`, never on import."""
     # `${or:${noise},0.2}`: a knob's value, or the row's own value while the knob is null.
@@ -65,8 +78,9 @@ def register_resolvers() -> None:
     # `${terminal:}`: whether stderr is a terminal, where a progress bar can redraw itself (not a log file)
     OmegaConf.register_new_resolver("terminal", lambda: sys.stderr.isatty(), replace=True)
     # `${part:${data.split},${data.fold}}`: which part of the data a run holds out, for names: fold0, or u1
-    OmegaConf.register_new_resolver("part", lambda split, fold: f"fold{fold}" if split == "random" else split,
-                                    replace=True)
+    OmegaConf.register_new_resolver("part", split_name, replace=True)
+    # `${data_name:${data.dataset},${data.path}}`: ml1m, or a table's file name
+    OmegaConf.register_new_resolver("data_name", data_name, replace=True)
 
 
 def compose(*overrides: str, config_name: str = "train") -> DictConfig:

@@ -1,5 +1,6 @@
-"""Masked RMSE, the one accuracy metric every cfae model reports (the study, sec. 4.2), and the names every
-metric goes by: the models log them, callbacks and sweeps watch them, MLflow and the reports show them."""
+"""Masked RMSE, the accuracy metric every cfae model is chosen by (the study, sec. 4.2), masked MAE beside it,
+and the names every metric goes by: the models log them, callbacks and sweeps watch them, MLflow and the
+reports show them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ TRAIN_LOSS = "train/loss"
 VAL_RMSE = "val/rmse"  # each validation: early stopping, the best checkpoint, pruning, the LR schedule
 VAL_RMSE_BEST = "val/rmse_best"  # the best so far: what sweeps minimise
 TEST_RMSE = "test/rmse"  # once, on the best checkpoint (with refit=true, on the refit one); it chooses nothing
+VAL_MAE, TEST_MAE = "val/mae", "test/mae"  # beside the RMSEs; they choose nothing
 FIT_SECONDS = "time/fit_s"  # wall time of training, validation included (with refit=true, the refit too)
 EPOCHS = "epochs"
 TEST_RMSE_BEFORE_REFIT = "test/rmse_before_refit"  # with refit=true: the validation-chosen model's
@@ -34,14 +36,34 @@ class MaskedRMSE(Metric):
         self.add_state("sum_squared_error", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, preds: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    def error(self, preds: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(n,) float64 the errors at the observed ratings, predictions clipped to the scale."""
         if preds.shape != target.shape:
             raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} differ in shape")
         if mask is not None:
             preds, target = preds[mask], target[mask]
-        error = preds.clamp(self.rating_min, self.rating_max).double() - target.double()
+        return preds.clamp(self.rating_min, self.rating_max).double() - target.double()
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        error = self.error(preds, target, mask)
         self.sum_squared_error += error.square().sum()
-        self.count += target.numel()
+        self.count += error.numel()
 
     def compute(self) -> torch.Tensor:
         return (self.sum_squared_error / self.count).sqrt().float()
+
+
+class MaskedMAE(MaskedRMSE):
+    """Mean absolute error over the observed ratings only, pooled likewise, predictions clipped likewise."""
+
+    def __init__(self, rating_min: float = 1.0, rating_max: float = 5.0, **kwargs):
+        super().__init__(rating_min, rating_max, **kwargs)
+        self.add_state("sum_absolute_error", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        error = self.error(preds, target, mask)
+        self.sum_absolute_error += error.abs().sum()
+        self.count += error.numel()
+
+    def compute(self) -> torch.Tensor:
+        return (self.sum_absolute_error / self.count).float()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cfae.data.movielens import Ratings
+from cfae.data.ratings import Ratings
 
 
 def planted_ratings(n_users: int = 300, n_items: int = 200, rank: int = 3, density: float = 0.3,

@@ -29,9 +29,18 @@ from omegaconf import DictConfig, OmegaConf
 from cfae import serving
 from cfae.callbacks import LastCheckpoint, LearningRates, TrialReporting
 from cfae.checks import ConfigError, UsageError, check_against_data, check_config, read_checkpoint
-from cfae.configs import knob_values, register_resolvers, with_model_defaults
+from cfae.configs import data_name, knob_values, register_resolvers, split_name, with_model_defaults
 from cfae.console import quiet
-from cfae.metrics import EPOCHS, FIT_SECONDS, REFIT_EPOCHS, TEST_RMSE, TEST_RMSE_BEFORE_REFIT, VAL_RMSE, VAL_RMSE_BEST
+from cfae.metrics import (
+    EPOCHS,
+    FIT_SECONDS,
+    REFIT_EPOCHS,
+    TEST_MAE,
+    TEST_RMSE,
+    TEST_RMSE_BEFORE_REFIT,
+    VAL_RMSE,
+    VAL_RMSE_BEST,
+)
 from cfae.processes import machine
 from cfae.ranking import evaluate_ranking
 from cfae.recommender import ARTIFACT, Recommender
@@ -138,12 +147,20 @@ def build_model(cfg: DictConfig, datamodule, scheduled: bool = True) -> L.Lightn
     return build(cfg.model, _convert_="all", **given)  # plain lists and dicts: they go into the checkpoint
 
 
-def which_split(cfg: DictConfig) -> tuple[bool, str, str]:
-    """(fixed, "80:20", part): whether the split is one of GroupLens's files (u1..u5) rather than a random
-    fold, the test fraction as a ratio, and the split's or fold's name."""
-    fixed = cfg.data.get("split", "random") != "random"
-    split = f"{round(100 * (1 - cfg.data.test_fraction))}:{round(100 * cfg.data.test_fraction)}"
-    return fixed, split, cfg.data.split if fixed else f"fold{cfg.data.fold}"
+def split_note(data: DictConfig) -> tuple[str, str]:
+    """(short, long): what a run holds out, for its Dataset column ("fold 0 80:20", "u1", "temporal") and its
+    note ("fold 0 of 5 random 80:20 splits")."""
+    ratio = f"{round(100 * (1 - data.test_fraction))}:{round(100 * data.test_fraction)}"
+    split = data.get("split", "random")
+    if split == "random":
+        return f"fold {data.fold} {ratio}", f"fold {data.fold} of {data.n_folds} random {ratio} splits"
+    if split == "temporal":
+        return f"temporal {ratio}", f"the last {round(100 * data.test_fraction)}% of the ratings in time as test"
+    if split == "leave_last":
+        return f"leave last {data.leave_last}", f"each user's last {data.leave_last} rating(s) in time as test"
+    if split == "users":
+        return f"users fold {data.fold}", f"held-out users (fold {data.fold}): their input and scored ratings"
+    return split, f"GroupLens's split {split}"
 
 
 def run_logger(cfg: DictConfig, digest: str):
@@ -154,8 +171,8 @@ def run_logger(cfg: DictConfig, digest: str):
     if not cfg.get("logger"):
         return False
     sweep, name = cfg.get("sweep") or {}, model_name(cfg)
-    fixed, split, part = which_split(cfg)
-    run_name = f"{name}-{cfg.data.dataset}-{cfg.data.orientation}-{part}"
+    data = data_name(cfg.data.dataset, cfg.data.get("path"))
+    run_name = f"{name}-{data}-{cfg.data.orientation}-{split_name(cfg.data.split, cfg.data.fold)}"
     tags = {**(cfg.logger.get("tags") or {}), "cfae.model": name, "cfae.config": digest, "cfae.machine": machine()}
     if choice(cfg, "experiment"):  # a row of the study (conf/experiment/)
         tags["cfae.row"] = choice(cfg, "experiment")
@@ -164,23 +181,20 @@ def run_logger(cfg: DictConfig, digest: str):
         tags.update({"optuna.study": sweep.study, "optuna.trial": str(sweep.trial)})
         if sweep.get("parent_run_id"):
             tags["mlflow.parentRunId"] = sweep.parent_run_id
-    tags[MLFLOW_RUN_NOTE] = (f"{name} on {cfg.data.dataset}, {cfg.data.orientation} rows, " +
-                             (f"GroupLens's split {part}" if fixed else
-                              f"fold {cfg.data.fold} of {cfg.data.n_folds} random {split} splits"))
+    tags[MLFLOW_RUN_NOTE] = f"{name} on {data}, {cfg.data.orientation} rows, {split_note(cfg.data)[1]}"
     return instantiate(cfg.logger, run_name=cfg.logger.run_name or run_name, tags=tags)
 
 
 def describe_run(logger, cfg: DictConfig, datamodule, knobs: dict) -> None:
     """Start the logger's MLflow run with the resolved config (each sweep knob the model takes with the value it
     ran with, set or not: the runs table's columns), the dataset's statistics and checksum and the git commit."""
-    fixed, split, part = which_split(cfg)
     logger.log_hyperparams({**run_params(cfg), **knobs})
     logger.log_hyperparams({"model": model_name(cfg)})  # beside model/<argument>: which model, in one short column
     logger.log_hyperparams({f"dataset/{k}": v for k, v in datamodule.stats.items()})
     logger.log_hyperparams({"dataset/val_rmse_of_the_mean": round(datamodule.baseline_rmse, 4)})  # the reference
     logger.experiment.set_tag(logger.run_id, "mlflow.source.git.commit", git_commit())
     # the Dataset column of the runs table: which data, fold and split, and the file's digest
-    dataset = Dataset(name=f"{cfg.data.dataset} {part if fixed else f'fold {cfg.data.fold} {split}'}",
+    dataset = Dataset(name=f"{data_name(cfg.data.dataset, cfg.data.get('path'))} {split_note(cfg.data)[0]}",
                       digest=datamodule.stats["sha256"][:8], source_type="local", source=str(datamodule.stats["file"]))
     log_dataset(logger.experiment, logger.run_id, DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "training")]))
 
@@ -240,8 +254,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @quiet()  # the libraries' start-up chatter, for the call only: a notebook's logging stays its own
-def fit(cfg: DictConfig) -> Trained:
+def fit(cfg: DictConfig, ratings=None) -> Trained:
     """Fit on the training part, early-stop on `val/rmse`, evaluate the best checkpoint on the test part.
+    `ratings`: a pandas DataFrame to use instead of the data's file, its columns named by `data.columns`
+    (`cfae.compose("data=table", "data.columns.user=customer", ...)`).
 
     Every value is checked before data loads, and every run ends FINISHED, FAILED (with an `error` tag) or
     KILLED (SIGTERM, Ctrl-C: the training state is saved first, and the process exits with 128 + signal).
@@ -260,6 +276,8 @@ def fit(cfg: DictConfig) -> Trained:
         if cfg.get("threads"):
             torch.set_num_threads(cfg.threads)
         datamodule = build(cfg.data)
+        if ratings is not None:
+            datamodule.use_frame(ratings)
         datamodule.setup("fit")
         check_against_data(cfg, datamodule.stats["n_items"], datamodule.rating_range)
         composed, cfg = cfg, with_model_defaults(cfg)  # every value the model runs with, for config.yaml and MLflow
@@ -386,15 +404,15 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
         metrics[FIT_SECONDS] += seconds
     if not pruned:  # no test for a trial the sweep gave up on
         test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
-        metrics[TEST_RMSE] = float(test[TEST_RMSE])
+        metrics[TEST_RMSE], metrics[TEST_MAE] = float(test[TEST_RMSE]), float(test[TEST_MAE])
         if cfg.get("ranking"):  # on the best checkpoint, which trainer.test has loaded into the model
-            ranking = evaluate_ranking(model, datamodule, **cfg.ranking)
+            ranking = evaluate_ranking(model, datamodule, **OmegaConf.to_container(cfg.ranking))
             metrics.update({f"test/{k}": v for k, v in (ranking or {}).items()})
         recommender = Recommender.from_fit(model, datamodule)
         with tempfile.TemporaryDirectory() as tmp:  # copied into the pyfunc model, which cfae.load reads
             saved = serving.save(recommender, recommender.save(Path(tmp) / ARTIFACT, best), output_dir / MODEL)
     if logger:  # once, at the last epoch; val/rmse_best and test/rmse are already logged where they belong
-        logger.log_metrics({k: v for k, v in metrics.items() if k not in (TEST_RMSE, OBJECTIVE)},
+        logger.log_metrics({k: v for k, v in metrics.items() if k not in (TEST_RMSE, TEST_MAE, OBJECTIVE)},
                            step=metrics[EPOCHS])
         if not pruned:
             note = logger.experiment.get_run(logger.run_id).data.tags.get(MLFLOW_RUN_NOTE, "")
@@ -418,7 +436,8 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
         except (ValueError, RuntimeError) as err:  # failed meanwhile (its heartbeat seemed lost): keep the run
             log.warning("trial %d was already closed in the study (%s); its result stays in this run",
                         trial.number, err)
-    shown = (TEST_RMSE, TEST_RMSE_BEFORE_REFIT, "test/recall_at_10", "test/ndcg_at_10")
+    shown = [TEST_RMSE, TEST_MAE, TEST_RMSE_BEFORE_REFIT,
+             *(k for k in metrics if k.startswith(("test/recall_at_", "test/ndcg_at_")))]
     summary = "  ".join(f"{k}={metrics[k]:.4f}" for k in shown if k in metrics)
     log.info("%s after %d epochs (%.1f s): " + OBJECTIVE + "=%.4f  %s", "pruned" if pruned else "done",
              metrics[EPOCHS], metrics[FIT_SECONDS], metrics[OBJECTIVE], summary)

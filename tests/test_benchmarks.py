@@ -39,10 +39,10 @@ def test_surprise_sees_the_same_training_and_test_ratings_as_cfae(benchmark, dat
     monkeypatch.setenv("CFAE_DATA_DIR", str(data_root))
     train_val, test, dm = benchmark("time_to_accuracy").surprise_data(["data.fold=1"])
     assert dm.fold == 1
-    assert train_val.n_ratings == dm.train_val_matrix.nnz and len(test) == dm.test_matrix.nnz
+    assert train_val.n_ratings == dm.test_inputs.nnz and len(test) == dm.test_matrix.nnz
     cells = {(train_val.to_raw_uid(u), train_val.to_raw_iid(i)) for u, i, _ in train_val.all_ratings()}
     held_out = {(u, i) for u, i, _ in test}
-    assert cells == set(zip(*dm.train_val_matrix.nonzero())) and not cells & held_out
+    assert cells == set(zip(*dm.test_inputs.nonzero())) and not cells & held_out
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from test_train import ROOT
 from test_zoo import MODELS
 
-from cfae.data import MovieLensDataModule
+from cfae.data import RatingsDataModule
 from cfae.models import AutoRec
 from cfae.sparse import SparseRows
 from cfae.train import train
@@ -50,7 +50,7 @@ def test_the_training_matrix_is_held_on_the_gpu_and_batches_are_cut_there(data_r
             assert isinstance(batch, SparseRows)
             devices.append((batch.val.device.type, pl_module.device.type))
 
-    dm = MovieLensDataModule(root=str(data_root), download=False, batch_size=48)
+    dm = RatingsDataModule(root=str(data_root), download=False, batch_size=48)
     dm.setup()
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[Recorder()], accelerator=GPU, devices=1)

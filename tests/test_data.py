@@ -8,18 +8,19 @@ import scipy.sparse as sp
 import torch
 
 from cfae.checks import DataError
-from cfae.data import MovieLensDataModule, movielens
+from cfae.data import RatingsDataModule, movielens
 from cfae.data import module as data_module
 from cfae.data.means import fallback_predictions
 from cfae.data.module import ShuffledBatches
-from cfae.data.movielens import Ratings, build_matrix, locate_ratings, read_ratings
+from cfae.data.movielens import locate_ratings, read_ratings
+from cfae.data.ratings import Ratings, build_matrix
 from cfae.data.splits import Split, split_ratings
 from cfae.sparse import SparseRows
 from cfae.synthetic import planted_ratings, write_ratings
 
 
-def module(root, **kwargs) -> MovieLensDataModule:
-    dm = MovieLensDataModule(dataset="ml1m", root=str(root), download=False, **kwargs)
+def module(root, **kwargs) -> RatingsDataModule:
+    dm = RatingsDataModule(dataset="ml1m", root=str(root), download=False, **kwargs)
     dm.setup()
     return dm
 
@@ -48,7 +49,7 @@ def test_every_dataset_format_loads_through_the_data_module(tmp_path, name):
         ratings = ratings._replace(ratings=ratings.ratings - 0.5 * (ratings.users % 2))
     header = "userId,movieId,rating,timestamp" if spec.header else None
     write_ratings(tmp_path / spec.dirname / spec.ratings_file, ratings, separator=spec.separator, header=header)
-    dm = MovieLensDataModule(dataset=name, root=str(tmp_path), download=False, min_item_ratings=1)
+    dm = RatingsDataModule(dataset=name, root=str(tmp_path), download=False, min_item_ratings=1)
     dm.setup()
     assert dm.train_matrix.nnz + dm.val_matrix.nnz + dm.test_matrix.nnz == len(ratings.ratings)
     assert sorted(np.concatenate([m.data for m in (dm.train_matrix, dm.val_matrix, dm.test_matrix)])) == sorted(
@@ -159,7 +160,7 @@ def test_a_repeated_pair_fails_the_data_module_setup_with_the_line(tmp_path):
     path = tmp_path / "ml-1m" / "ratings.dat"
     path.parent.mkdir()
     path.write_text(REPEATS)
-    dm = MovieLensDataModule(root=str(tmp_path), download=False, min_item_ratings=1)
+    dm = RatingsDataModule(root=str(tmp_path), download=False, min_item_ratings=1)
     with pytest.raises(DataError) as err:
         dm.setup()
     assert str(err.value) == f"{path} line 7: user 3, item 12 is rated again (first on line 2)"
@@ -190,7 +191,7 @@ def test_repeated_pair_is_found_as_the_earliest_repeat_among_many():
 
 def test_unknown_dataset():
     with pytest.raises(DataError, match="unknown dataset 'ml2m'.*ml100k, ml10m, ml1m, ml20m"):
-        MovieLensDataModule(dataset="ml2m")
+        RatingsDataModule(dataset="ml2m")
 
 
 def test_missing_files_offline_say_what_to_put_where(tmp_path):
@@ -203,7 +204,7 @@ def test_missing_files_offline_say_what_to_put_where(tmp_path):
 def test_a_missing_ratings_file_without_download_is_one_clean_line(tmp_path, capsys, missing):
     if missing == "ratings.dat":
         (tmp_path / "ml-1m").mkdir()  # the dataset folder without its ratings file
-    dm = MovieLensDataModule(root=str(tmp_path), download=False)
+    dm = RatingsDataModule(root=str(tmp_path), download=False)
     with pytest.raises(DataError) as err:
         dm.prepare_data()
     assert str(err.value) == (f"{tmp_path}/ml-1m/ratings.dat not found and data.download=false: put ratings.dat "
@@ -290,23 +291,23 @@ def test_filter_drops_items_below_threshold_and_reindexes():
 
 def test_filtering_that_leaves_nothing_says_so_at_once(data_root):
     most = np.bincount(planted_ratings().items).max()
-    dm = MovieLensDataModule(root=str(data_root), download=False, min_item_ratings=100000)
+    dm = RatingsDataModule(root=str(data_root), download=False, min_item_ratings=100000)
     with pytest.raises(DataError) as err:
         dm.setup()
-    assert str(err.value) == (f"{data_root}/ml-1m/ratings.dat: no ratings left after dropping movies with fewer "
-                              f"than 100000 ratings (data.min_item_ratings); the most-rated movie has {most}")
+    assert str(err.value) == (f"{data_root}/ml-1m/ratings.dat: no ratings left after dropping items with fewer "
+                              f"than 100000 ratings (data.min_item_ratings); the most-rated item has {most}")
 
 
 def test_too_few_ratings_to_split_names_the_counts(tmp_path):
     path = tmp_path / "ml-1m" / "ratings.dat"
     path.parent.mkdir()
     path.write_text("1::10::5::1\n2::10::3::2\n3::10::4::3\n")
-    dm = MovieLensDataModule(root=str(tmp_path), download=False, min_item_ratings=1)
+    dm = RatingsDataModule(root=str(tmp_path), download=False, min_item_ratings=1)
     with pytest.raises(DataError) as err:
         dm.setup()
     # 3 ratings: round(0.2 * 3) = 1 test, round(0.05 * 2) = 0 validation
-    assert str(err.value) == (f"{path}: 3 ratings are too few to split with data.test_fraction=0.2 and "
-                              f"data.val_fraction=0.05: train 2, validation 0, test 1")
+    assert str(err.value) == (f"{path}: 3 ratings are too few for data.split=random (data.test_fraction=0.2, "
+                              f"data.val_fraction=0.05): train 2, validation 0, test 1")
 
 
 # --- splits ------------------------------------------------------------------------------------------
@@ -326,7 +327,7 @@ def test_split_is_disjoint_exhaustive_deterministic_and_sized():
 @pytest.mark.parametrize("fold", [-1, 5])
 def test_fold_outside_range(fold):
     with pytest.raises(DataError, match=rf"data.fold={fold} is outside 0..4"):
-        MovieLensDataModule(fold=fold)
+        RatingsDataModule(fold=fold)
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -340,7 +341,7 @@ def test_fold_outside_range(fold):
 ])
 def test_settings_are_refused_when_the_module_is_made(key, value, message):
     with pytest.raises(DataError) as err:
-        MovieLensDataModule(**{key: value})
+        RatingsDataModule(**{key: value})
     assert str(err.value) == message
 
 
@@ -437,7 +438,7 @@ def test_host_batches_from_worker_processes_are_the_batches_of_the_main_process(
 
 def test_batches_on_device_setting_is_checked_and_auto_slices_on_the_host_for_a_cpu(data_root):
     with pytest.raises(DataError, match="batches_on_device='gpu'"):
-        MovieLensDataModule(batches_on_device="gpu")
+        RatingsDataModule(batches_on_device="gpu")
     assert not module(data_root).holds_batches_on_device(torch.device("cpu"))
 
 
@@ -451,7 +452,7 @@ def test_batches_cover_every_row_once_and_never_leave_a_single_row_alone(n_rows,
 
 def test_a_data_module_over_ratings_in_memory_splits_like_one_over_a_file(data_root):
     from_file = module(data_root)
-    in_memory = MovieLensDataModule.from_ratings(planted_ratings(), root=str(data_root / "nowhere"))
+    in_memory = RatingsDataModule.from_ratings(planted_ratings(), root=str(data_root / "nowhere"))
     in_memory.prepare_data()  # needs no files
     in_memory.setup()
     assert (from_file.test_matrix != in_memory.test_matrix).nnz == 0
@@ -540,7 +541,7 @@ def triples(dm, matrix) -> set[tuple[int, int, float]]:
 @pytest.mark.parametrize("orientation", ["user", "item"])
 def test_grouplens_splits_hold_out_the_lines_mku_sh_cuts(u_data, split, orientation):
     folder, recipe = u_data
-    dm = MovieLensDataModule("ml100k", root=str(folder.parent), download=False, split=split, min_item_ratings=0,
+    dm = RatingsDataModule("ml100k", root=str(folder.parent), download=False, split=split, min_item_ratings=0,
                              orientation=orientation)
     dm.setup()
     expected = read_ratings(recipe / f"{split}.test", "\t")
@@ -557,27 +558,27 @@ def test_the_releases_own_split_file_is_checked_against_u_data(u_data, tmp_path)
     (tmp_path / "ml-100k").mkdir()
     (tmp_path / "ml-100k" / "u.data").write_bytes((folder / "u.data").read_bytes())
     (tmp_path / "ml-100k" / "u1.test").write_bytes((recipe / "u1.test").read_bytes())
-    dm = MovieLensDataModule("ml100k", root=str(tmp_path), download=False, split="u1", min_item_ratings=0)
+    dm = RatingsDataModule("ml100k", root=str(tmp_path), download=False, split="u1", min_item_ratings=0)
     dm.setup()  # the release's file agrees
     lines = (recipe / "u1.test").read_text().splitlines(keepends=True)
     (tmp_path / "ml-100k" / "u1.test").write_text("".join(lines[1:]))  # one rating missing
     with pytest.raises(DataError, match=r"u1.test: not the split mku.sh cuts from .*u.data \(1 ratings differ"):
-        MovieLensDataModule("ml100k", root=str(tmp_path), download=False, split="u1", min_item_ratings=0).setup()
+        RatingsDataModule("ml100k", root=str(tmp_path), download=False, split="u1", min_item_ratings=0).setup()
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"dataset": "ml1m", "split": "u1", "min_item_ratings": 0}, "GroupLens's ML-100K splits; data.dataset is ml1m"),
     ({"dataset": "ml100k", "split": "u1"}, r"data.min_item_ratings=10 would drop some of its test part"),
-    ({"dataset": "ml100k", "split": "u9", "min_item_ratings": 0}, "data.split='u9': expected 'random' or one of u1"),
+    ({"dataset": "ml100k", "split": "u9", "min_item_ratings": 0}, "data.split='u9': expected one of random, u1, u2"),
 ])
 def test_bad_grouplens_split_settings_are_refused_in_one_line(kwargs, message):
     with pytest.raises(DataError, match=message):
-        MovieLensDataModule(download=False, **kwargs)
+        RatingsDataModule(download=False, **kwargs)
 
 
 def test_a_grouplens_split_of_a_file_that_is_not_ml100k_is_refused(tmp_path):
     write_ratings(tmp_path / "ml-100k" / "u.data", planted_ratings(n_users=50, n_items=40, density=0.3), separator="\t")
-    dm = MovieLensDataModule("ml100k", root=str(tmp_path), download=False, split="u1", min_item_ratings=0)
+    dm = RatingsDataModule("ml100k", root=str(tmp_path), download=False, split="u1", min_item_ratings=0)
     with pytest.raises(DataError, match=r"u.data: data.split=u1 is GroupLens's split of ML-100K's 100000 ratings; "
                                         r"this file has 600"):
         dm.setup()

@@ -346,7 +346,7 @@ BAD = {
     "data.fold=5": "data.fold=5: must be an integer from 0 to 4",
     "model=svd hidden=100000": ("model.n_factors=100000 (or hidden): the SVD's rank must be from 1 to "
                                 "min(rows, columns) - 1 = 199 for this data"),
-    "data.min_item_ratings=100000": "no ratings left after dropping movies with fewer than 100000 ratings",
+    "data.min_item_ratings=100000": "no ratings left after dropping items with fewer than 100000 ratings",
     "ranking.k=500": "ranking.k=500: must be below the number of items, 200 in this data",
     "ranking.threshold=99": "ranking.threshold=99: must lie on this data's rating scale, 1 to 5",
     "threads=-2": "threads=-2: must be an integer >= 1",
@@ -562,18 +562,28 @@ def test_a_folder_in_use_by_a_run_is_refused(tmp_path):
 
 
 # --- the seams this rests on ------------------------------------------------------------------------------
-def test_the_sweeper_takes_exactly_the_optuna_sweeper_plugins_configuration():
-    """cfae's sweeper is the `_target_` of hydra-optuna-sweeper's config schema (`hydra/sweeper: optuna`):
-    a field added or renamed upstream must show up here, not as a TypeError in the middle of a sweep."""
-    import dataclasses
+# hydra-optuna-sweeper 1.3.0's configuration (hydra_plugins/hydra_optuna_sweeper/config.py): OptunaSweeperConf's
+# fields and the sampler group's options, which conf/hydra/sweeper/ holds for cfae's sweeper
+PLUGIN_FIELDS = {"sampler", "direction", "storage", "study_name", "n_trials", "n_jobs", "max_failure_rate",
+                 "search_space", "params", "custom_search_space"}
+PLUGIN_SAMPLERS = {"tpe", "random", "cmaes", "nsgaii", "motpe", "grid"}
+
+
+def test_the_sweeper_takes_exactly_hydra_optuna_sweepers_configuration():
+    """A sweep config written for hydra-optuna-sweeper runs unchanged: `hydra/sweeper: optuna` has that
+    plugin's keys and sampler options, and cfae's sweeper takes exactly those keys (a key added here and
+    not there is a TypeError at the sweep's start, not in its middle)."""
     import inspect
 
-    from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+    from omegaconf import OmegaConf
 
+    from cfae.configs import CONF
     from cfae.sweep import OptunaSweep
 
-    fields = {f.name for f in dataclasses.fields(OptunaSweeperConf)} - {"_target_", "defaults"}
-    assert fields == set(inspect.signature(OptunaSweep.__init__).parameters) - {"self"}
+    sweeper = OmegaConf.load(CONF / "hydra" / "sweeper" / "optuna.yaml")
+    assert set(sweeper) - {"_target_", "defaults"} | {"sampler"} == PLUGIN_FIELDS
+    assert PLUGIN_FIELDS == set(inspect.signature(OptunaSweep.__init__).parameters) - {"self"}
+    assert {p.stem for p in (CONF / "hydra" / "sweeper" / "sampler").glob("*.yaml")} == PLUGIN_SAMPLERS
 
 
 def test_the_sweep_layer_uses_no_private_optuna_or_sweeper_api_and_patches_nothing():

@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cfae.data import MovieLensDataModule
+from cfae.data import RatingsDataModule
 from cfae.models import VAE, AutoRec, DeepAutoencoder, MatrixFactorization
 from cfae.models.base import masked_mse
 from cfae.sparse import SampledLinear, SparseLinear, SparseRows, SparseRowsTimesDense
@@ -99,8 +99,8 @@ def test_activations_are_settings(name):
         AutoRec(n_inputs=9, hidden_activation="swish", optimizer=torch.optim.Adam)
 
 
-def global_mean_rmse(dm: MovieLensDataModule) -> float:
-    return float(np.sqrt(np.mean((dm.test_matrix.data - dm.train_val_matrix.data.mean()) ** 2)))
+def global_mean_rmse(dm: RatingsDataModule) -> float:
+    return float(np.sqrt(np.mean((dm.test_matrix.data - dm.test_inputs.data.mean()) ** 2)))
 
 
 def fit(model, dm, epochs: int) -> float:
@@ -113,7 +113,7 @@ def fit(model, dm, epochs: int) -> float:
 @pytest.mark.parametrize("orientation", ["item", "user"])
 def test_autorec_learns_the_planted_structure(data_root, orientation):
     L.seed_everything(0)
-    dm = MovieLensDataModule(root=str(data_root), download=False, orientation=orientation, batch_size=16)
+    dm = RatingsDataModule(root=str(data_root), download=False, orientation=orientation, batch_size=16)
     dm.setup()
     model = AutoRec(n_inputs=dm.n_cols, hidden_size=64, weight_decay=1e-3,
                     optimizer=functools.partial(torch.optim.Adam, lr=1e-2))
@@ -170,7 +170,7 @@ def test_auto_sampled_output_is_used_for_sparse_batches_or_outputs_too_big_to_ho
 
 
 def test_plateau_scheduler_cuts_the_learning_rate_when_validation_stalls(data_root):
-    dm = MovieLensDataModule(root=str(data_root), download=False, batch_size=16)
+    dm = RatingsDataModule(root=str(data_root), download=False, batch_size=16)
     dm.setup()
     final_lr = {}
     for name, scheduler in [("none", None), ("plateau", functools.partial(
@@ -192,7 +192,7 @@ def test_plateau_scheduler_cuts_the_learning_rate_when_validation_stalls(data_ro
     lambda n, **kw: MatrixFactorization(n_inputs=n, n_rows=200, n_factors=4, **kw),
 ], ids=["autorec", "deep", "vae", "mf"])
 def test_a_model_starts_at_the_training_ratings_mean_unless_resumed(make, data_root, tmp_path):
-    dm = MovieLensDataModule(root=str(data_root), download=False, batch_size=16)
+    dm = RatingsDataModule(root=str(data_root), download=False, batch_size=16)
     dm.setup()
     mean = float(dm.train_matrix.data.mean())
     started = make(dm.n_cols, optimizer=torch.optim.Adam)
@@ -228,7 +228,7 @@ def unfit_args(max_epochs: int = 1) -> dict:
 
 
 def test_starting_at_the_mean_learns_faster(data_root):
-    dm = MovieLensDataModule(root=str(data_root), download=False, batch_size=16)
+    dm = RatingsDataModule(root=str(data_root), download=False, batch_size=16)
     dm.setup()
     rmse = {}
     for start in (True, False):

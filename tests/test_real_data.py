@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from cfae.data.movielens import DATASETS, build_matrix, read_ratings
+from cfae.data.movielens import DATASETS, read_ratings
+from cfae.data.ratings import build_matrix
 
 ROOT = Path(os.environ.get("CFAE_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 RATINGS = ROOT / "ml-1m" / "ratings.dat"

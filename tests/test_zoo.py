@@ -156,11 +156,11 @@ def test_every_model_learns_the_planted_structure_better_than_the_global_mean(na
             f"model={name}", f"data.root={data_root}", "data.download=false", "data.batch_size=16",
             f"data.orientation={orientation}", "trainer.max_epochs=25", "trainer.accelerator=cpu",
             "trainer.enable_progress_bar=false", "logger=none", f"output_dir={tmp_path}", *MODELS[name]])
-    from cfae.data import MovieLensDataModule
+    from cfae.data import RatingsDataModule
 
-    dm = MovieLensDataModule(root=str(data_root), download=False, orientation=orientation)
+    dm = RatingsDataModule(root=str(data_root), download=False, orientation=orientation)
     dm.setup()
-    global_mean = float(np.sqrt(np.mean((dm.test_matrix.data - dm.train_val_matrix.data.mean()) ** 2)))
+    global_mean = float(np.sqrt(np.mean((dm.test_matrix.data - dm.test_inputs.data.mean()) ** 2)))
     metrics = train(cfg)
     margin = 0.95 if name == "bias" else 0.9  # biases alone cannot model the planted interactions
     assert metrics["test/rmse"] < margin * global_mean, (metrics, global_mean)

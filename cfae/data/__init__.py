@@ -1,14 +1,15 @@
-"""Data: MovieLens files (`movielens`), the study's splits (`splits`), row and column means with the
-fallback predictions built from them (`means`), and the DataModule serving sparse rows (`module`)."""
+"""Data: ratings and the matrix they make (`ratings`), read from MovieLens files (`movielens`) or a table of
+your own (`tables`), split (`splits`), row and column means with the fallback predictions built from them
+(`means`), and the DataModule serving sparse rows (`module`)."""
 
-__all__ = ["MovieLensDataModule"]
+__all__ = ["RatingsDataModule"]
 
 
 def __getattr__(name: str):
-    """`cfae.data.MovieLensDataModule`, imported when first used: a model that needs `means` does not load
+    """`cfae.data.RatingsDataModule`, imported when first used: a model that needs `means` does not load
     the DataModule, the downloader and Lightning's data machinery with it."""
-    if name == "MovieLensDataModule":
-        from cfae.data.module import MovieLensDataModule
+    if name == "RatingsDataModule":
+        from cfae.data.module import RatingsDataModule
 
-        return MovieLensDataModule
+        return RatingsDataModule
     raise AttributeError(f"module 'cfae.data' has no attribute {name!r}")

@@ -1,8 +1,5 @@
 """MovieLens ratings files: where each release lives (on disk, or downloaded from GroupLens and verified),
-how its ratings file is read (every bad line named), and the study's preprocessing into a sparse matrix.
-
-The rating matrix is kept as scipy.sparse CSR throughout: ML-1M is 95.5% empty, so nothing here ever
-builds a dense users x items array.
+and how its ratings file is read (every bad line named) into `Ratings`.
 """
 
 from __future__ import annotations
@@ -19,13 +16,12 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
-import scipy.sparse as sp
 from tqdm import tqdm
 
 from cfae.checks import DataError
+from cfae.data.ratings import Ratings
 
 log = logging.getLogger(__name__)
 
@@ -166,15 +162,6 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
 # Parsing
 
 
-class Ratings(NamedTuple):
-    users: np.ndarray  # (n,) int64 original ids
-    items: np.ndarray  # (n,) int64 original ids
-    ratings: np.ndarray  # (n,) float32
-    # the file read, if any: errors found after parsing cite rating i as its line first_line + i
-    path: Path | None = None
-    first_line: int = 1
-
-
 def read_ratings(path: str | Path, separator: str, header: bool = False, rating_min: float = 1.0,
                  rating_max: float = 5.0, rating_step: float | None = None) -> Ratings:
     """Read `user<sep>item<sep>rating[<sep>timestamp]` lines, every line with the same number of fields, each
@@ -207,12 +194,13 @@ def read_ratings(path: str | Path, separator: str, header: bool = False, rating_
         users = table[:, 0].astype(np.int64)
         items = table[:, 1].astype(np.int64)
         ratings = table[:, 2].astype(np.float32)
+        timestamps = table[:, 3].astype(np.int64) if n_fields == 4 else None
     except (ValueError, OverflowError):  # OverflowError: an id beyond int64
         raise _first_bad_line(path, body, first_line, separator, rating_min, rating_max, rating_step) from None
     if not (np.all(ratings >= rating_min) and np.all(ratings <= rating_max) and
             (rating_step is None or np.all(off_step(ratings, rating_min, rating_step) == 0))):
         raise _first_bad_line(path, body, first_line, separator, rating_min, rating_max, rating_step)
-    return Ratings(users, items, ratings, path, first_line)
+    return Ratings(users, items, ratings, path, first_line, timestamps)
 
 
 def off_step(ratings, rating_min: float, rating_step: float):
@@ -250,6 +238,8 @@ def _field_problem(fields: list[bytes], rating_min: float, rating_max: float,
         user, item, rating = int(fields[0]), int(fields[1]), float(fields[2])
     except ValueError:
         return "user and item must be integers and the rating a number"
+    if len(fields) == 4 and not fields[3].lstrip(b"+-").isdigit():
+        return "the timestamp must be an integer (seconds)"
     if not (-2**63 <= user < 2**63 and -2**63 <= item < 2**63):
         return "user or item id out of the 64-bit integer range"
     # read_ratings compares float32 values: judge the same number
@@ -258,69 +248,3 @@ def _field_problem(fields: list[bytes], rating_min: float, rating_max: float,
     if rating_step is not None and off_step(np.float32(rating), rating_min, rating_step) != 0:
         return f"rating {rating:g} is not on the scale ({rating_min:g} to {rating_max:g} in steps of {rating_step:g})"
     return None
-
-
-# ----------------------------------------------------------------------------------------------------
-# The study's preprocessing
-
-
-@dataclass
-class RatingMatrix:
-    """Users x items ratings after filtering, with contiguous indices."""
-
-    matrix: sp.csr_matrix  # (n_users, n_items) float32, canonical CSR (sorted, no duplicates)
-    user_ids: np.ndarray  # original id of each row
-    item_ids: np.ndarray  # original id of each column
-    dropped_items: int
-    dropped_ratings: int
-
-    @property
-    def stats(self) -> dict[str, float]:
-        n_users, n_items = self.matrix.shape
-        return {
-            "n_users": n_users,
-            "n_items": n_items,
-            "n_ratings": self.matrix.nnz,
-            "density": self.matrix.nnz / (n_users * n_items),
-            "dropped_items": self.dropped_items,
-            "dropped_ratings": self.dropped_ratings,
-        }
-
-
-def build_matrix(ratings: Ratings, min_item_ratings: int = 10, source: str = "ratings") -> RatingMatrix:
-    """Drop items with fewer than `min_item_ratings` ratings (the study's cleaning), index the rest.
-
-    `source` names ratings not read from a file in errors; those from a file are cited by path and line.
-    """
-    where = str(ratings.path) if ratings.path is not None else source
-    if len(ratings.ratings) == 0:
-        raise DataError(f"{where}: no ratings")
-    item_ids, item_index, item_counts = np.unique(ratings.items, return_inverse=True, return_counts=True)
-    keep_item = item_counts >= min_item_ratings
-    keep = keep_item[item_index]
-    if not keep.any():
-        raise DataError(f"{where}: no ratings left after dropping movies with fewer than {min_item_ratings} "
-                        f"ratings (data.min_item_ratings); the most-rated movie has {item_counts.max()}")
-    user_ids, rows = np.unique(ratings.users[keep], return_inverse=True)
-    kept_items, cols = np.unique(item_index[keep], return_inverse=True)
-    matrix = sp.csr_matrix((ratings.ratings[keep], (rows, cols)), shape=(len(user_ids), len(kept_items)))
-    if matrix.nnz != int(keep.sum()):  # the CSR conversion summed a repeated (user, item) pair into one cell
-        raise _repeated_pair(ratings, where)
-    matrix.sort_indices()
-    return RatingMatrix(matrix, user_ids, item_ids[kept_items],
-                        dropped_items=int((~keep_item).sum()), dropped_ratings=int((~keep).sum()))
-
-
-def _repeated_pair(ratings: Ratings, where: str) -> DataError:
-    """The error for the earliest rating whose (user, item) pair was rated before, citing both."""
-    position = np.arange(len(ratings.ratings))
-    order = np.lexsort((position, ratings.items, ratings.users))  # by pair, then by position
-    u, i = ratings.users[order], ratings.items[order]
-    repeats = np.flatnonzero((u[1:] == u[:-1]) & (i[1:] == i[:-1]))  # order[k + 1] repeats order[k]
-    k = repeats[np.argmin(order[repeats + 1])]
-    # the earliest repeat is its pair's second rating, so the one sorted just before it is the first
-    first, again = order[k], order[k + 1]
-    pair = f"user {ratings.users[again]}, item {ratings.items[again]} is rated again"
-    if ratings.path is None:
-        return DataError(f"{where}: {pair} (rating {again + 1}, first as rating {first + 1})")
-    return DataError(f"{where} line {ratings.first_line + again}: {pair} (first on line {ratings.first_line + first})")

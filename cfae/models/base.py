@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torchmetrics import MinMetric
 
 from cfae.checks import Diverged
-from cfae.metrics import TEST_RMSE, TRAIN_LOSS, VAL_RMSE, VAL_RMSE_BEST, MaskedRMSE
+from cfae.metrics import TEST_MAE, TEST_RMSE, TRAIN_LOSS, VAL_MAE, VAL_RMSE, VAL_RMSE_BEST, MaskedMAE, MaskedRMSE
 from cfae.sparse import EvalBatch, SampledLinear, SparseLinear, SparseRows
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -91,8 +91,9 @@ class RatingModel(L.LightningModule):
         self.weight_decay, self.sampled_output, self.start_at_mean = weight_decay, sampled_output, start_at_mean
         self.output_function: nn.Module = nn.Identity()  # f in r_hat = f(V h + c); models may set their own
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.val_rmse = MaskedRMSE(rating_min, rating_max)
-        self.test_rmse = MaskedRMSE(rating_min, rating_max)
+        self.rating_range = (rating_min, rating_max)  # predictions are clipped to it wherever they are scored
+        self.val_rmse, self.val_mae = MaskedRMSE(rating_min, rating_max), MaskedMAE(rating_min, rating_max)
+        self.test_rmse, self.test_mae = MaskedRMSE(rating_min, rating_max), MaskedMAE(rating_min, rating_max)
         self.val_rmse_best = MinMetric()
 
     # -- composing an autoencoder from features() and output_layer() --------------------------------
@@ -176,20 +177,26 @@ class RatingModel(L.LightningModule):
         self.val_rmse_best.reset()  # forget the sanity check's value
 
     def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
-        self.val_rmse.update(self.predict_held_out(batch), batch.targets.val)
-        self.log(VAL_RMSE, self.val_rmse, on_epoch=True, prog_bar=True, batch_size=len(batch.targets.val))
+        pred, n = self.predict_held_out(batch), len(batch.targets.val)
+        self.val_rmse.update(pred, batch.targets.val)
+        self.val_mae.update(pred, batch.targets.val)
+        self.log(VAL_RMSE, self.val_rmse, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log(VAL_MAE, self.val_mae, on_epoch=True, batch_size=n)
 
     def on_validation_epoch_end(self) -> None:
         self.val_rmse_best(self.val_rmse.compute())
         self.log(VAL_RMSE_BEST, self.val_rmse_best.compute(), prog_bar=True)
 
     def test_step(self, batch: EvalBatch, batch_idx: int) -> None:
-        self.test_rmse.update(self.predict_held_out(batch), batch.targets.val)
-        self.log(TEST_RMSE, self.test_rmse, on_epoch=True, batch_size=len(batch.targets.val))
+        pred, n = self.predict_held_out(batch), len(batch.targets.val)
+        self.test_rmse.update(pred, batch.targets.val)
+        self.test_mae.update(pred, batch.targets.val)
+        self.log(TEST_RMSE, self.test_rmse, on_epoch=True, batch_size=n)
+        self.log(TEST_MAE, self.test_mae, on_epoch=True, batch_size=n)
 
     def predict_step(self, batch: EvalBatch, batch_idx: int) -> Tensor:
         """(targets nnz,) what `test_step` scores, clipped to the rating scale as the metric clips it."""
-        return self.predict_held_out(batch).clamp(self.test_rmse.rating_min, self.test_rmse.rating_max)
+        return self.predict_held_out(batch).clamp(*self.rating_range)
 
     def parameter_groups(self) -> list[dict]:
         """What the optimizer gets: `weight_decay` on weight matrices, none on biases and norm scales."""

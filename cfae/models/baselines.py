@@ -35,7 +35,7 @@ class MatrixFactorization(RatingModel):
     ):
         super().__init__(n_inputs=n_inputs, **base)
         self.regularization = regularization
-        self.mean = nn.Parameter(torch.tensor((self.val_rmse.rating_min + self.val_rmse.rating_max) / 2))
+        self.mean = nn.Parameter(torch.tensor(sum(self.rating_range) / 2))
         self.row_bias = nn.Parameter(torch.zeros(n_rows))
         self.col_bias = nn.Parameter(torch.zeros(n_inputs))
         self.row_factors = nn.Parameter(torch.randn(n_rows, n_factors) * init_std)  # p
