@@ -1,7 +1,7 @@
-"""python -m cfae.recommend: a saved model's top-k movies for one user, as a table.
+"""python -m cfae.recommend: a saved model's top-k items for one user, as a table.
 
     python -m cfae.recommend run=<MLflow run id> user=42 k=10
-    python -m cfae.recommend path=outputs/<day>/<time> user=42 seen=true   # rated movies may come back
+    python -m cfae.recommend path=outputs/<day>/<time> user=42 seen=true   # rated items may come back
     python -m cfae.recommend run=<id> user=42 uri=http://mlflow-host:5000
 
 `run=` takes a run id or a runs:/ URI (store: `uri=`, else $MLFLOW_TRACKING_URI, else
@@ -28,10 +28,8 @@ def parse(argv: list[str]) -> dict[str, str | None]:
         args[key] = value
     if (args["run"] is None) == (args["path"] is None):
         raise UsageError("give the model as run=<MLflow run id> or path=<folder>, one of the two")
-    if args["user"] is None:
-        raise UsageError("user= is missing")
-    if not args["user"].lstrip("-").isdigit():
-        raise UsageError(f"user={args['user']}: must be an integer")
+    if not args["user"]:
+        raise UsageError("user= is missing (the user's id in the data)")
     from cfae.recommender import check_k
 
     check_k(int(args["k"]) if args["k"].lstrip("-").isdigit() else args["k"])
@@ -47,18 +45,19 @@ def main(argv: list[str] | None = None) -> int:
         from cfae.recommender import load
 
         rec = load(args["run"] or args["path"], tracking_uri=args["uri"])
-        user, k = int(args["user"]), int(args["k"])
+        user, k = rec.as_id(args["user"], "user"), int(args["k"])
         known = user in rec.user_index
         table = rec.recommend(user, k, exclude_seen=args["seen"] == "false")
     if known:
-        unrated = ", unrated movies only" if args["seen"] == "false" else ""
+        unrated = ", unrated items only" if args["seen"] == "false" else ""
         print(f"top {len(table)} for user {user} (predicted ratings{unrated})")
     else:
-        print(f"user {user} is not in the model's data: the {len(table)} movies with the most ratings of 4 or more "
-              f"(mean ratings)")
-    print(f"{'rank':>4}  {'movie':>6}  {'rating':>6}  title")
+        print(f"user {user} is not in the model's data: the {len(table)} items with the most good ratings (their "
+              f"mean ratings)")
+    width = max([4, *(len(str(r.item_id)) for r in table)])
+    print(f"{'rank':>4}  {'item':>{width}}  {'rating':>6}  title")
     for r in table:
-        print(f"{r.rank:>4}  {r.movie_id:>6}  {r.rating:>6.3f}  {r.title}")
+        print(f"{r.rank:>4}  {r.item_id!s:>{width}}  {r.rating:>6.3f}  {r.title}")
     return 0
 
 

@@ -1,12 +1,12 @@
-"""A trained model you can ask: top-k movies for a user, predicted ratings for (user, movie) pairs, in the
-original MovieLens ids, with titles when the release's movie file was there.
+"""A trained model you can ask: top-k items for a user, predicted ratings for (user, item) pairs, in the data's
+original ids (numbers or text), with titles where the data has them (a MovieLens release's movie file).
 
     rec = cfae.load("<MLflow run id>")        # or a saved folder, or runs:/<run id>/recommender
-    rec.recommend(42, k=10)                   # [Recommendation(rank, movie_id, title, rating), ...]
+    rec.recommend(42, k=10)                   # [Recommendation(rank, item_id, title, rating), ...]
     rec.predict([42, 42], [1, 3114])          # predicted ratings
 
 A `Recommender` is the model with what it needs to answer: its input ratings (the training and validation
-parts, as the test saw them, in the model's orientation), the original id of each user and movie, and the
+parts, as the test saw them, in the model's orientation), the original id of each user and item, and the
 titles. `fit` saves one in each run's output folder and MLflow artifacts, inside the run's MLflow pyfunc
 model (`model/artifacts/recommender/`, cfae/serving.py).
 """
@@ -33,21 +33,21 @@ ARTIFACT = "recommender"  # its folder name under a run's output folder and its 
 
 
 class UnknownId(UsageError, KeyError):
-    """A user or movie id the model's data does not hold."""
+    """A user or item id the model's data does not hold."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
 
 
 def check_k(k) -> None:
-    """How many movies to recommend: an integer >= 1, else refused in one line."""
+    """How many items to recommend: an integer >= 1, else refused in one line."""
     if not (isinstance(k, int | np.integer) and not isinstance(k, bool) and k >= 1):
-        raise UsageError(f"k={k}: must be an integer >= 1 (how many movies to recommend)")
+        raise UsageError(f"k={k}: must be an integer >= 1 (how many items to recommend)")
 
 
 class Recommendation(NamedTuple):
     rank: int
-    movie_id: int
+    item_id: int | str
     title: str
     rating: float  # predicted, on the rating scale
 
@@ -60,14 +60,14 @@ class Recommender:
         self.orientation = orientation
         self.user_ids, self.item_ids = np.asarray(user_ids), np.asarray(item_ids)
         self.titles = titles or {}
-        self.user_index = {int(u): i for i, u in enumerate(self.user_ids)}
-        self.item_index = {int(m): i for i, m in enumerate(self.item_ids)}
-        self.rating_min, self.rating_max = model.val_rmse.rating_min, model.val_rmse.rating_max
+        self.user_index = {u: i for i, u in enumerate(self.user_ids.tolist())}  # original id -> row or column
+        self.item_index = {m: i for i, m in enumerate(self.item_ids.tolist())}
+        self.rating_min, self.rating_max = model.rating_range
 
     @classmethod
     def from_fit(cls, model: L.LightningModule, datamodule) -> Recommender:
         """The fitted model with its DataModule's training + validation ratings, ids and titles."""
-        return cls(model, datamodule.train_val_matrix, datamodule.orientation, datamodule.user_ids,
+        return cls(model, datamodule.test_inputs, datamodule.orientation, datamodule.user_ids,
                    datamodule.item_ids, datamodule.titles)
 
     # -- answering --------------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ class Recommender:
         return self.model.predict_at(x, at.to(self.model.device)).float().cpu().numpy().reshape(n, len(cols))
 
     def user_scores(self, users: np.ndarray) -> np.ndarray:
-        """(len(users), n_items) predicted ratings of every movie for users given by index, in the model's
+        """(len(users), n_items) predicted ratings of every item for users given by index, in the model's
         item order."""
         items = np.arange(len(self.item_ids))
         if self.orientation == "user":
@@ -128,13 +128,12 @@ class Recommender:
         return self._block(items, order[0]).T[order[1]]
 
     def scores(self, user_id: int) -> np.ndarray:
-        """(n_items,) predicted ratings of every movie for one user, in the model's item order."""
+        """(n_items,) predicted ratings of every item for one user, in the model's item order."""
         return self.user_scores(np.array([self._user(user_id)]))[0]
 
     def recommend(self, user_id: int, k: int = 10, exclude_seen: bool = True) -> list[Recommendation]:
-        """The k movies with the highest predicted ratings for `user_id`, best first; by default none the
-        user has rated. A user the data does not hold gets the movies with the most ratings of 4 or more
-        (their mean rating as `rating`): the popular, well-rated fallback."""
+        """The k items with the highest predicted ratings for `user_id`, best first; by default none the
+        user has rated. A user the data does not hold gets the popular, well-rated fallback (`popular`)."""
         return self.recommend_many([user_id], k, exclude_seen)[0]
 
     def recommend_many(self, user_ids, k: int = 10, exclude_seen: bool = True) -> list[list[Recommendation]]:
@@ -163,10 +162,11 @@ class Recommender:
         return lists
 
     def popular(self, k: int) -> list[Recommendation]:
-        """The k movies with the most ratings of 4 or more, their mean rating as `rating`: what a user the
-        data does not hold gets."""
+        """The k items with the most good ratings (in the top quarter of the scale: 4 or more on 1..5), their
+        mean rating as `rating`: what a user the data does not hold gets."""
         ratings = self.user_ratings()
-        good = (ratings >= 4).astype(np.float32).sum(axis=0).A1  # (n_items,) ratings of 4 or more
+        good_from = self.rating_min + 0.75 * (self.rating_max - self.rating_min)
+        good = (ratings >= good_from).astype(np.float32).sum(axis=0).A1  # (n_items,)
         counts = ratings.getnnz(axis=0)
         means = np.divide(ratings.sum(axis=0).A1, counts, out=np.zeros(ratings.shape[1]), where=counts > 0)
         return [self._entry(rank, i, means[i]) for rank, i in enumerate(np.argsort(-good, kind="stable")[:k], 1)]
@@ -176,37 +176,41 @@ class Recommender:
         users = np.array([self._user(u) for u in np.atleast_1d(user_ids)], dtype=np.int64)
         items = np.array([self._item(m) for m in np.atleast_1d(item_ids)], dtype=np.int64)
         if len(users) != len(items):
-            raise UsageError(f"{len(users)} user ids and {len(items)} movie ids: give one of each per pair")
+            raise UsageError(f"{len(users)} user ids and {len(items)} item ids: give one of each per pair")
         return self._predict_cells(users, items)
 
-    @staticmethod
-    def as_id(value, what: str) -> int:
-        """An original user or movie id as the index maps hold it (42 for 42, 42.0 or "42"); anything that is
-        not a whole number is refused in one line, not rounded."""
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+    def as_id(self, value, what: str) -> int | str:
+        """An original user or item id (`what`) as the index maps hold it. Where the data's ids are numbers: 42
+        for 42, 42.0 or "42", and anything that is not a whole number refused in one line, not rounded; where
+        they are text: the text (42 asks for "42")."""
+        ids = self.user_ids if what == "user" else self.item_ids
+        if ids.dtype.kind in "US":
+            if isinstance(value, str | int | np.integer) and not isinstance(value, bool):
+                return str(value)
+        elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
             return int(value)
-        if isinstance(value, int | np.integer | float | np.floating) and not isinstance(value, bool) and \
+        elif isinstance(value, int | np.integer | float | np.floating) and not isinstance(value, bool) and \
                 float(value).is_integer():
             return int(value)
-        raise UsageError(f"{what} id {value!r}: not an id of this model's data (its ids are whole numbers)")
+        kind = "text" if ids.dtype.kind in "US" else "whole numbers"
+        raise UsageError(f"{what} id {value!r}: not an id of this model's data (its ids are {kind})")
 
     def _user(self, user_id) -> int:
         user_id = self.as_id(user_id, "user")
         if user_id not in self.user_index:
-            raise UnknownId(f"user {user_id} is not in the model's data ({len(self.user_ids)} users, ids "
-                            f"{self.user_ids.min()} to {self.user_ids.max()})")
+            raise UnknownId(f"user {user_id} is not in the model's data ({len(self.user_ids)} users)")
         return self.user_index[user_id]
 
-    def _item(self, movie_id) -> int:
-        movie_id = self.as_id(movie_id, "movie")
-        if movie_id not in self.item_index:
-            raise UnknownId(f"movie {movie_id} is not in the model's data ({len(self.item_ids)} movies; movies "
-                            f"with too few ratings were dropped before training)")
-        return self.item_index[movie_id]
+    def _item(self, item_id) -> int:
+        item_id = self.as_id(item_id, "item")
+        if item_id not in self.item_index:
+            raise UnknownId(f"item {item_id} is not in the model's data ({len(self.item_ids)} items; items with "
+                            f"too few ratings were dropped before training)")
+        return self.item_index[item_id]
 
     def _entry(self, rank: int, item: int, rating: float) -> Recommendation:
-        movie = int(self.item_ids[item])
-        return Recommendation(rank, movie, self.titles.get(movie, ""), round(float(rating), 4))
+        item_id = self.item_ids[item].item()  # a Python int or str
+        return Recommendation(rank, item_id, self.titles.get(item_id, ""), round(float(rating), 4))
 
     # -- saving and loading -----------------------------------------------------------------------------
     def save(self, folder: str | Path, checkpoint: str | Path) -> Path:
@@ -264,9 +268,17 @@ def load(source: str | Path, tracking_uri: str | None = None) -> Recommender:
         return Recommender.load_folder(saved_folder(path.resolve().parent.parent), checkpoint=path)
     if path.is_dir():
         return Recommender.load_folder(saved_folder(path))
-    match = re.fullmatch(r"(?:runs:/)?([0-9a-f]{32})(?:/.*)?|models:/([^/@]+)(?:/(\w+)|@(\w+))", text)
+    _, local = run_files(text, f"model/artifacts/{ARTIFACT}", tracking_uri)  # the recommender's files only
+    return Recommender.load_folder(local)
+
+
+def run_files(source: str, artifact: str, tracking_uri: str | None = None) -> tuple[str, Path]:
+    """(run id, a local copy of the run's `artifact`) for a run named by its id, a `runs:/<id>` URI or a
+    registered model's `models:/<name>/<version>`, `models:/<name>/latest` or `models:/<name>@<alias>` (in the
+    store `tracking_uri`, else $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)."""
+    match = re.fullmatch(r"(?:runs:/)?([0-9a-f]{32})(?:/.*)?|models:/([^/@]+)(?:/(\w+)|@(\w+))", source)
     if not match:
-        raise UsageError(f"{text}: neither a folder, a checkpoint, an MLflow run id nor a runs:/ or models:/ URI")
+        raise UsageError(f"{source}: neither a folder, a checkpoint, an MLflow run id nor a runs:/ or models:/ URI")
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -278,7 +290,7 @@ def load(source: str | Path, tracking_uri: str | None = None) -> Recommender:
     check_server(uri)
     try:
         run_id = match[1]
-        if run_id is None:  # models:/<name>/<version>, models:/<name>/latest or models:/<name>@<alias>, in this store
+        if run_id is None:  # a registered model's version, in this store
             client = MlflowClient(uri, registry_uri=uri)
             name, version, alias = match[2], match[3], match[4]
             if alias:
@@ -286,15 +298,14 @@ def load(source: str | Path, tracking_uri: str | None = None) -> Recommender:
             elif version == "latest":
                 versions = client.search_model_versions(f"name = '{name}'", order_by=["version_number DESC"])
                 if not versions:
-                    raise UsageError(f"{text}: the registered model {name} has no version in {uri}")
+                    raise UsageError(f"{source}: the registered model {name} has no version in {uri}")
                 run_id = versions[0].run_id
             else:
                 run_id = client.get_model_version(name, version).run_id
-        # only the recommender's files, not the whole pyfunc model
-        local = download_artifacts(run_id=run_id, artifact_path=f"model/artifacts/{ARTIFACT}", tracking_uri=uri)
+        local = download_artifacts(run_id=run_id, artifact_path=artifact, tracking_uri=uri)
     except (MlflowException, OSError) as err:
-        raise UsageError(f"{text} in {uri}: no saved model ({str(err).splitlines()[0]})") from None
-    return Recommender.load_folder(local)
+        raise UsageError(f"{source} in {uri}: no {artifact} ({str(err).splitlines()[0]})") from None
+    return run_id, Path(local)
 
 
 def saved_folder(path: Path) -> Path:

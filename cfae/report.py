@@ -23,15 +23,12 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 from scipy import stats
 
 from cfae.metrics import EPOCHS, FIT_SECONDS, TEST_RMSE, TEST_RMSE_BEFORE_REFIT, VAL_RMSE
 from cfae.tracking import finished_study_runs, mlflow_client
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 log = logging.getLogger("cfae.report")
 
@@ -203,7 +200,8 @@ def stamp(fig, text: str) -> None:
 def validation_curve(values: list[float], path: Path, title: str, metric: str = VAL_RMSE) -> Path:
     """One run's validation metric per epoch, zoomed on where the epoch is chosen (the first epochs' values can
     lie far above and would flatten the rest), its best epoch marked."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    fig = Figure(figsize=(5.5, 3.4))  # no pyplot: a notebook's plotting backend stays as it is
+    ax = fig.subplots()
     epochs = np.arange(1, len(values) + 1)
     best = int(np.argmin(values))
     ax.plot(epochs, values, marker="o", markersize=3)
@@ -218,7 +216,6 @@ def validation_curve(values: list[float], path: Path, title: str, metric: str = 
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -237,7 +234,8 @@ def knob_figure(records: list[dict], figure: str, xlabel: str, title: str, path:
         return False
     xs = sorted(points)
     means, cis = zip(*(mean_ci(points[x]) for x in xs))
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig = Figure(figsize=(5.5, 3.8))  # no pyplot: a notebook's plotting backend stays as it is
+    ax = fig.subplots()
     ax.errorbar(xs, means, yerr=[0 if math.isnan(c) else c for c in cis], marker="o", capsize=3)
     for x, m in zip(xs, means):
         ax.annotate(f"{m:.4f}", (x, m), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
@@ -247,7 +245,6 @@ def knob_figure(records: list[dict], figure: str, xlabel: str, title: str, path:
     ax.grid(alpha=0.3)
     stamp(fig, provenance([r for r in records if r["figure"] == figure], command))
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return True
 
 
@@ -256,7 +253,8 @@ def curves_figure(client, arms: list[tuple[str, dict | None]], title: str, path:
     arm's run is missing)."""
     if any(r is None for _, r in arms):
         return False
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig = Figure(figsize=(5.5, 3.8))  # no pyplot: a notebook's plotting backend stays as it is
+    ax = fig.subplots()
     lowest = math.inf
     for label, r in arms:
         history = sorted(client.get_metric_history(r["run_id"], VAL_RMSE), key=lambda m: (m.step, m.timestamp))
@@ -269,7 +267,6 @@ def curves_figure(client, arms: list[tuple[str, dict | None]], title: str, path:
     ax.grid(alpha=0.3)
     stamp(fig, provenance([r for _, r in arms], command))
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return True
 
 

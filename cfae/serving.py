@@ -4,11 +4,12 @@ model registry take.
     mlflow models serve -m runs:/<run id>/model --env-manager local -p 5001
     curl -X POST localhost:5001/invocations -H 'Content-Type: application/json' \\
          -d '{"dataframe_records": [{"user_id": 42}], "params": {"k": 10}}'             # top 10 for user 42
-    curl ... -d '{"dataframe_records": [{"user_id": 42, "movie_id": 1}]}'                 # a predicted rating
+    curl ... -d '{"dataframe_records": [{"user_id": 42, "item_id": 1}]}'                  # a predicted rating
 
-A request is a table of `user_id`s, with a `movie_id` column for predicted ratings of (user, movie) pairs;
-without one, each user gets a top-k list (`params`: `k`, default 10, and `exclude_seen`, default true).
-The answer is a table with columns user_id, rank, movie_id, title, rating (rank 0 for a pair's rating).
+A request is a table of `user_id`s, with an `item_id` column for predicted ratings of (user, item) pairs;
+without one, each user gets a top-k list (`params`: `k`, default 10, and `exclude_seen`, default true). Ids
+are the data's own, numbers or text. The answer is a table with columns user_id, rank, item_id, title, rating
+(rank 0 for a pair's rating).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from importlib import metadata
 from pathlib import Path
 
 import mlflow.pyfunc
-import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -35,8 +35,8 @@ CODE = Path(__file__).with_name("pyfunc_model.py")  # the pyfunc model, as code 
 SIGNATURE = ModelSignature(
     # ids as the client sends them, numbers or text: a "long" column would have the server truncate 42.7 to
     # 42 before the model could refuse it, a "string" one would refuse Python's integers
-    inputs=Schema([ColSpec(AnyType(), "user_id"), ColSpec(AnyType(), "movie_id", required=False)]),
-    outputs=Schema([ColSpec("long", "user_id"), ColSpec("long", "rank"), ColSpec("long", "movie_id"),
+    inputs=Schema([ColSpec(AnyType(), "user_id"), ColSpec(AnyType(), "item_id", required=False)]),
+    outputs=Schema([ColSpec(AnyType(), "user_id"), ColSpec("long", "rank"), ColSpec(AnyType(), "item_id"),
                     ColSpec("string", "title"), ColSpec("double", "rating")]),
     params=ParamSchema([ParamSpec("k", "long", 10), ParamSpec("exclude_seen", "boolean", True)]),
 )
@@ -76,16 +76,16 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):
 
 
 def answer(rec: Recommender, requests: pd.DataFrame, k: int = 10, exclude_seen: bool = True) -> pd.DataFrame:
-    """Top-k lists, or predicted ratings where a request names a movie; the users' lists come from one batched
+    """Top-k lists, or predicted ratings where a request names an item; the users' lists come from one batched
     product."""
-    has_movie = requests["movie_id"].notna() if "movie_id" in requests else pd.Series(False, index=requests.index)
-    pairs, users = requests[has_movie], requests.loc[~has_movie, "user_id"].to_numpy()
+    has_item = requests["item_id"].notna() if "item_id" in requests else pd.Series(False, index=requests.index)
+    pairs, users = requests[has_item], requests.loc[~has_item, "user_id"].to_numpy()
     rows = []
     if len(pairs):
-        ratings = rec.predict(pairs["user_id"].to_numpy(), pairs["movie_id"].to_numpy())
-        for user, movie, rating in zip(pairs["user_id"], pairs["movie_id"], ratings):
-            movie = rec.as_id(movie, "movie")
-            rows.append((rec.as_id(user, "user"), 0, movie, rec.titles.get(movie, ""), float(rating)))
+        ratings = rec.predict(pairs["user_id"].to_numpy(), pairs["item_id"].to_numpy())
+        for user, item, rating in zip(pairs["user_id"], pairs["item_id"], ratings):
+            item = rec.as_id(item, "item")
+            rows.append((rec.as_id(user, "user"), 0, item, rec.titles.get(item, ""), float(rating)))
     if len(users):
         top_lists = rec.recommend_many(users, k, bool(exclude_seen))
         rows += [(rec.as_id(user, "user"), *r) for user, top in zip(users, top_lists) for r in top]
@@ -94,11 +94,11 @@ def answer(rec: Recommender, requests: pd.DataFrame, k: int = 10, exclude_seen: 
 
 def save(rec: Recommender, recommender_folder: str | Path, path: str | Path) -> Path:
     """Write the pyfunc model to `path`, holding the saved recommender folder and cfae's own code."""
-    example_user = int(rec.user_ids[0])
+    example_user = rec.user_ids[0].item()
     shutil.rmtree(path, ignore_errors=True)  # a run's folder is its own (train.claimed): a re-run replaces it
     mlflow.pyfunc.save_model(
         path, python_model=str(CODE), artifacts={ARTIFACT: str(recommender_folder)},
         code_paths=[str(Path(cfae.__file__).parent)], signature=SIGNATURE,
-        input_example=pd.DataFrame({"user_id": np.array([example_user], dtype=np.int64)}),
+        input_example=pd.DataFrame({"user_id": [example_user]}),
         pip_requirements=[f"{name}=={metadata.version(name)}" for name in REQUIREMENTS])
     return Path(path)

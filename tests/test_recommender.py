@@ -32,8 +32,8 @@ def fitted(request, tmp_path_factory):
 def own_ranking(trained, user_id: int, k: int) -> list[int]:
     """The top k of the model's own dense scores for one user, rated movies excluded, in original ids."""
     dm = trained.datamodule
-    scores = score_matrix(trained.model, dm.train_val_matrix)
-    seen = dm.train_val_matrix
+    scores = score_matrix(trained.model, dm.test_inputs)
+    seen = dm.test_inputs
     if dm.orientation == "item":
         scores, seen = scores.T, seen.T.tocsr()
     u = int(np.flatnonzero(dm.user_ids == user_id)[0])
@@ -46,13 +46,13 @@ def test_a_loaded_run_recommends_k_unrated_movies_in_the_order_of_the_models_own
     trained, uri, _ = fitted
     rec = cfae.load(trained.run_id, tracking_uri=uri)
     top = rec.recommend(USER, 10)
-    ids = [r.movie_id for r in top]
+    ids = [r.item_id for r in top]
     assert len(set(ids)) == 10 and [r.rank for r in top] == list(range(1, 11))
     dm = trained.datamodule
     rated = rec.user_ratings()[rec.user_index[USER]].indices
     assert not set(ids) & {int(dm.item_ids[i]) for i in rated}
     assert ids == own_ranking(trained, USER, 10)
-    assert all(r.title == f"Movie {r.movie_id} (1999)" for r in top)
+    assert all(r.title == f"Movie {r.item_id} (1999)" for r in top)
     assert [r.rating for r in top] == sorted((r.rating for r in top), reverse=True)
     with_seen = rec.recommend(USER, 10, exclude_seen=False)
     assert with_seen[0].rating >= top[0].rating
@@ -76,8 +76,8 @@ def test_unknown_ids_get_the_popular_fallback_or_a_clear_error(fitted):
     fallback = rec.recommend(99999, 5)
     ratings = rec.user_ratings()
     good = (ratings >= 4).sum(axis=0).A1
-    assert [rec.item_index[r.movie_id] for r in fallback] == list(np.argsort(-good, kind="stable")[:5])
-    with pytest.raises(UnknownId, match=r"^movie 4242 is not in the model's data \(80 movies"):
+    assert [rec.item_index[r.item_id] for r in fallback] == list(np.argsort(-good, kind="stable")[:5])
+    with pytest.raises(UnknownId, match=r"^item 4242 is not in the model's data \(80 items"):
         rec.predict([USER], [4242])
     with pytest.raises(UnknownId, match=r"^user 99999 is not in the model's data"):
         rec.predict([99999], [1])
@@ -89,9 +89,9 @@ def test_many_users_are_answered_together_as_each_alone(fitted):
     users = [USER, 99999, 3, USER, 11]  # an unknown user and a repeated one among them
     together = rec.recommend_many(users, 7)
     assert together == [rec.recommend(u, 7) for u in users]
-    assert [r.movie_id for r in together[2]] == own_ranking(trained, 3, 7)
+    assert [r.item_id for r in together[2]] == own_ranking(trained, 3, 7)
     rated = len(rec.user_ratings()[rec.user_index[USER]].indices)
-    assert len(rec.recommend(USER, 10_000)) == len(rec.item_ids) - rated  # no rated movie fills a long list
+    assert len(rec.recommend(USER, 10_000)) == len(rec.item_ids) - rated  # no rated item fills a long list
 
 
 @pytest.mark.parametrize("k", [0, -1, 2.5, True, "3"])
@@ -119,14 +119,14 @@ def test_the_command_prints_the_same_list(fitted, capsys):
     trained, uri, _ = fitted
     assert recommend.main([f"run={trained.run_id}", f"user={USER}", "k=10", f"uri={uri}"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"top 10 for user {USER} (predicted ratings, unrated movies only)"
+    assert lines[0] == f"top 10 for user {USER} (predicted ratings, unrated items only)"
     assert [int(line.split()[1]) for line in lines[2:]] == own_ranking(trained, USER, 10)
 
 
 @pytest.mark.parametrize("args, expected", [
     (["user=7"], "give the model as run=<MLflow run id> or path=<folder>, one of the two"),
-    (["path=x", "user=7", "k=-1"], "k=-1: must be an integer >= 1 (how many movies to recommend)"),
-    (["path=x", "user=7", "k=0"], "k=0: must be an integer >= 1 (how many movies to recommend)"),
+    (["path=x", "user=7", "k=-1"], "k=-1: must be an integer >= 1 (how many items to recommend)"),
+    (["path=x", "user=7", "k=0"], "k=0: must be an integer >= 1 (how many items to recommend)"),
 ])
 def test_the_command_refuses_bad_arguments_in_one_line(capsys, args, expected):
     with pytest.raises(SystemExit) as exit_:
@@ -151,16 +151,16 @@ def test_the_pyfunc_model_answers_top_k_lists_and_pairs_as_the_recommender_does(
     model = mlflow.pyfunc.load_model(f"runs:/{trained.run_id}/model")
     rec = cfae.load(trained.run_id, tracking_uri=uri)
     top = model.predict(pd.DataFrame({"user_id": [USER]}), params={"k": 5})
-    assert list(top.movie_id) == [r.movie_id for r in rec.recommend(USER, 5)] and list(top["rank"]) == [1, 2, 3, 4, 5]
+    assert list(top.item_id) == [r.item_id for r in rec.recommend(USER, 5)] and list(top["rank"]) == [1, 2, 3, 4, 5]
     movies = [int(m) for m in trained.datamodule.item_ids[:3]]
-    pairs = model.predict(pd.DataFrame({"user_id": [USER] * 3, "movie_id": movies}))
+    pairs = model.predict(pd.DataFrame({"user_id": [USER] * 3, "item_id": movies}))
     np.testing.assert_allclose(pairs.rating, rec.predict([USER] * 3, movies), rtol=1e-6)
     from cfae.serving import RequestError
 
     for request, params, expected in (
             ({"user_id": [USER]}, {"k": -1}, "k=-1: must be an integer >= 1"),
             ({"user_id": [42.7]}, None, "user id 42.7: not an id of this model's data"),
-            ({"user_id": [USER], "movie_id": [4242]}, None, "movie 4242 is not in the model's data")):
+            ({"user_id": [USER], "item_id": [4242]}, None, "item 4242 is not in the model's data")):
         with pytest.raises(RequestError) as refused:
             model.predict(pd.DataFrame(request), params=params)
         assert refused.value.message.startswith(expected) and refused.value.get_http_status_code() == 400
@@ -207,15 +207,15 @@ def test_mlflow_models_serve_answers_a_real_http_request_with_the_same_list(fitt
 
         status, answer = ask([{"user_id": USER}], {"k": 10})
         refusals = [ask([{"user_id": USER}], {"k": -1}), ask([{"user_id": 42.7}]),
-                    ask([{"user_id": USER, "movie_id": 4242}])]
+                    ask([{"user_id": USER, "item_id": 4242}])]
     finally:
         server.terminate()
         server.wait(timeout=30)
-    assert status == 200 and [row["movie_id"] for row in answer["predictions"]] == own_ranking(trained, USER, 10)
+    assert status == 200 and [row["item_id"] for row in answer["predictions"]] == own_ranking(trained, USER, 10)
     # MLflow's scoring server answers cfae's refusals with 400 and cfae's own line: no request, no stack trace
     assert [(code, body["message"]) for code, body in refusals] == [
-        (400, "k=-1: must be an integer >= 1 (how many movies to recommend)"),
+        (400, "k=-1: must be an integer >= 1 (how many items to recommend)"),
         (400, "user id 42.7: not an id of this model's data (its ids are whole numbers)"),
-        (400, "movie 4242 is not in the model's data (80 movies; movies with too few ratings were dropped before "
+        (400, "item 4242 is not in the model's data (80 items; items with too few ratings were dropped before "
               "training)")]
     assert not any("stack_trace" in body for _, body in refusals)
