@@ -1,0 +1,96 @@
+"""The command lines: `cfae <command>` (or `python -m cfae <command>`) where cfae is installed, `python train.py`
+and `python sweep.py` in a clone. `cfae --help` lists the commands."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from cfae.checks import reported_in_one_line
+from cfae.configs import CONF, register_resolvers
+from cfae.console import quiet_libraries
+from cfae.processes import keep_freed_memory
+
+register_resolvers()  # before Hydra composes: `--cfg job --resolve` and the sweeper resolve them too
+
+
+@hydra.main(config_path=str(CONF), config_name="train", version_base="1.3")
+def _train(cfg: DictConfig) -> float:
+    from cfae.train import OBJECTIVE, train
+
+    quiet_libraries()
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
+    with reported_in_one_line():  # a bad value or data file: one line and exit 1 (HYDRA_FULL_ERROR=1: traceback)
+        return train(cfg)[OBJECTIVE]  # the value a sweep minimises
+
+
+@hydra.main(config_path=str(CONF), config_name="sweep", version_base="1.3")
+def _sweep(cfg: DictConfig) -> float:
+    from cfae.train import OBJECTIVE, train
+
+    quiet_libraries()
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
+    return train(cfg)[OBJECTIVE]  # what the sweeper minimises; a trial's error goes to the sweeper, which says it
+
+
+def train() -> None:
+    """One run: `python train.py model=vae data.fold=3` (conf/train.yaml)."""
+    quiet_libraries()  # before Hydra starts
+    _train()
+
+
+def sweep() -> None:
+    """An Optuna sweep: `python sweep.py -m model=deep hidden=300,500,750` (conf/sweep.yaml)."""
+    quiet_libraries()  # before Hydra starts: the sweeper opens the stores before any job runs
+    _sweep()
+
+
+def _module(name: str):
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return importlib.import_module(f"cfae.{name}").main(argv)
+
+    return run
+
+
+COMMANDS = {  # name: (what it does, how it runs with the arguments after the name)
+    "train": ("train one model (Hydra overrides: model=vae data.fold=3)", None),
+    "sweep": ("search a model's settings with Optuna (overrides; -m is added)", None),
+    "study": ("run the study's plan of runs (conf/study.yaml)", _module("study")),
+    "report": ("render a study's table and figures", _module("report")),
+    "blend": ("blend a study's rows, weights fitted on validation", _module("blend")),
+    "recommend": ("a saved model's top-k items for a user", _module("recommend")),
+    "evaluate": ("test a saved model on another split or file", _module("evaluate")),
+    "configs": ("print the whole configuration of a run", _module("configs")),
+}
+
+
+def usage() -> str:
+    lines = ["usage: cfae <command> [arguments]  (python -m cfae <command> [arguments])", "", "commands:"]
+    lines += [f"  {name:<10} {what}" for name, (what, _) in COMMANDS.items()]
+    lines += ["", "cfae <command> --help says more; in a clone, python train.py and python sweep.py -m run the "
+              "first two."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"error: {name}: not a cfae command\n\n{usage()}", file=sys.stderr)
+        return 1
+    if name in ("train", "sweep"):  # Hydra reads its overrides from sys.argv
+        if name == "sweep" and not {"-m", "--multirun"} & set(rest):
+            rest = ["-m", *rest]
+        sys.argv = [f"cfae {name}", *rest]
+        (train if name == "train" else sweep)()
+        return 0
+    return COMMANDS[name][1](rest)
