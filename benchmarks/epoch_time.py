@@ -1,6 +1,7 @@
 """Seconds per training epoch of cfae against plain dense PyTorch loops, same run, same data.
 
     CFAE_DATA_DIR=../shared/data python benchmarks/epoch_time.py [--epochs 4] [--models autorec,deep,vae]
+    CFAE_DATA_DIR=../shared/data python benchmarks/epoch_time.py --models multvae,ease   # task=ranking's
 
 Each model trains on ML-1M fold 0, item rows, batch 256 (`--batch-size`), Adam lr 1e-3, with the masked
 loss: cfae through Lightning with its config's optimizer (Adam with `fused=True`), the reference as the
@@ -13,6 +14,10 @@ comes from: the dense loop with fused Adam, and with fused Adam under bf16 autoc
 precision). Reported: the median epoch after one warm-up epoch. The last line starts with AutoRec's
 `cfae_s_per_epoch=X dense_s_per_epoch=Y ratio=X/Y`, then the same ratios for the other models, then
 `autorec_floor_s=F autorec_over_floor=X/F`.
+
+`multvae` and `ease` are task=ranking's (vae_cf's protocol on ML-1M, 600 held-out users): a Mult-VAE epoch
+(600-200-600, batches of 500 training users) and EASE's fit (the Gram matrix and its inverse), each beside the
+floor the machine's multiply rate and memory bandwidth set for its arithmetic and traffic.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from datetime import date
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,7 +39,7 @@ from cfae.callbacks import EpochTimer
 from cfae.configs import precision
 from cfae.console import quiet_benchmark
 from cfae.data import RatingsDataModule
-from cfae.models import VAE, AutoRec, DeepAutoencoder
+from cfae.models import EASE, VAE, AutoRec, DeepAutoencoder, MultVAE
 from cfae.processes import device_clock, keep_freed_memory, machine, timings
 
 HIDDEN = 500
@@ -136,6 +142,41 @@ def cfae_epochs(name: str, dm: RatingsDataModule, epochs: int, sampled_output: s
     return timer.times
 
 
+def ranking_figures(root: str, epochs: int, rate: float, bandwidth: float, device: torch.device) -> str:
+    """A Mult-VAE epoch and EASE's fit on ML-1M under vae_cf's protocol, each against its floor."""
+    dm = RatingsDataModule(dataset="ml1m", root=root, clicks_above=3.5, min_item_ratings=0, min_user_ratings=5,
+                           orientation="user", split="users", heldout_users=600, batch_size=500)
+    dm.setup()
+    x = dm.train_matrix
+    users, items, clicks = int((x.getnnz(axis=1) > 0).sum()), x.shape[1], x.nnz
+    print(f"ml1m clicks: {users} training users x {items} items, {clicks} clicks")
+    timer = EpochTimer()
+    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer],
+                        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1)
+    adam = lambda params: torch.optim.Adam(params, lr=1e-3, fused=True)  # noqa: E731  (conf/optimizer/adam.yaml)
+    trainer.fit(MultVAE(n_inputs=items, optimizer=adam), datamodule=dm)
+    epoch = statistics.median(timer.times[1:])
+    # FLOPs: the sparse encoder 4 T 600 (forward, weight gradient), the dense layers 6 U (600 x 400 + 200 x 600 +
+    # 600 x I) (forward, two backward products); bytes: Adam's 7 reads and writes of every parameter each step
+    params = items * 600 + 600 * 400 + 200 * 600 + 600 * items
+    flops = 4 * clicks * 600 + 6 * users * (600 * 400 + 200 * 600 + 600 * items)
+    moved = math.ceil(users / 500) * 7 * 4 * params
+    vae_floor = max(flops / rate, moved / bandwidth)
+    print(f"multvae: {' '.join(f'{t:.3f}' for t in timer.times)} s per epoch; floor {vae_floor:.3f} s "
+          f"({flops / 1e9:.1f} GFLOP, {moved / 1e9:.2f} GB): {epoch / vae_floor:.1f} x")
+    ease = EASE(n_inputs=items, l2=500.0)
+    fit = statistics.median(timings(lambda: ease.solve(x), repeats=3))
+    # the Gram matrix: sum over users of n_u^2 multiply-adds; the inverse of an I x I matrix: about 2 I^3 FLOPs,
+    # in float64, at the float32 rate measured (a floor no slower than the truth)
+    gram = 2 * float((x.getnnz(axis=1).astype(np.float64) ** 2).sum())
+    ease_floor = (gram + 2 * items**3) / rate
+    print(f"ease: fit {fit:.3f} s; floor {ease_floor:.3f} s ({(gram + 2 * items**3) / 1e9:.1f} GFLOP): "
+          f"{fit / ease_floor:.1f} x")
+    return (f"multvae_s_per_epoch={epoch:.3f} multvae_over_floor={epoch / vae_floor:.2f} ease_fit_s={fit:.3f} "
+            f"ease_over_floor={fit / ease_floor:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=4)
@@ -160,7 +201,10 @@ def main() -> None:
     print(f"{machine()}, {date.today()}: {dtype} matrix multiply {rate / 1e9:.0f} GFLOP/s, memory "
           f"{bandwidth / 1e9:.1f} GB/s")
     figures, floor_figure = [], ""
-    for name in args.models.split(","):
+    ranking = [m for m in args.models.split(",") if m in ("multvae", "ease")]
+    if ranking:
+        figures.append(ranking_figures(root, args.epochs, rate, bandwidth, device))
+    for name in (m for m in args.models.split(",") if m not in ranking):
         torch.manual_seed(0)
         dense = functools.partial(dense_epochs, name, dm.train_matrix, args.epochs, batch_size=args.batch_size,
                                   device=device)

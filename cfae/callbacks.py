@@ -110,8 +110,8 @@ class DivergenceGuard(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         low, high = self.rating_range
-        if low is None or high is None:
-            low, high = trainer.datamodule.rating_range
+        if low is None or high is None:  # the model's: infinite for scores (task=ranking), which only NaN fails
+            low, high = pl_module.rating_range
         self.max_loss = 10 * (high - low) ** 2
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -186,16 +186,16 @@ class LastCheckpoint(Checkpoint):
 
 
 class TrialReporting(Callback):
-    """Reports `val/rmse` after each validation to the job's Optuna trial and stops training once the
-    study's pruner says the trial is clearly worse than the others at the same epoch."""
+    """Reports the task's validation metric (`val/rmse`) after each validation to the job's Optuna trial and stops
+    training once the study's pruner says the trial is clearly worse than the others at the same epoch."""
 
-    def __init__(self, trial: optuna.Trial):
-        self.trial, self.pruned = trial, False
+    def __init__(self, trial: optuna.Trial, monitor: str = VAL_RMSE):
+        self.trial, self.monitor, self.pruned = trial, monitor, False
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or VAL_RMSE not in trainer.callback_metrics:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
-        self.trial.report(float(trainer.callback_metrics[VAL_RMSE]), step=trainer.current_epoch)
+        self.trial.report(float(trainer.callback_metrics[self.monitor]), step=trainer.current_epoch)
         if self.trial.should_prune():
             log.info("trial %d pruned at epoch %d", self.trial.number, trainer.current_epoch)
             self.pruned, trainer.should_stop = True, True

@@ -18,23 +18,23 @@ register_resolvers()  # before Hydra composes: `--cfg job --resolve` and the swe
 
 @hydra.main(config_path=str(CONF), config_name="train", version_base="1.3")
 def _train(cfg: DictConfig) -> float:
-    from cfae.train import OBJECTIVE, train
+    from cfae.train import train
 
     quiet_libraries()
     if cfg.keep_freed_memory:
         keep_freed_memory()
     with reported_in_one_line():  # a bad value or data file: one line and exit 1 (HYDRA_FULL_ERROR=1: traceback)
-        return train(cfg)[OBJECTIVE]  # the value a sweep minimises
+        return train(cfg)[cfg.task.objective]  # the value a sweep optimises
 
 
 @hydra.main(config_path=str(CONF), config_name="sweep", version_base="1.3")
 def _sweep(cfg: DictConfig) -> float:
-    from cfae.train import OBJECTIVE, train
+    from cfae.train import train
 
     quiet_libraries()
     if cfg.keep_freed_memory:
         keep_freed_memory()
-    return train(cfg)[OBJECTIVE]  # what the sweeper minimises; a trial's error goes to the sweeper, which says it
+    return train(cfg)[cfg.task.objective]  # what the sweeper optimises; a trial's error goes to it, which says it
 
 
 def train() -> None:

@@ -12,6 +12,10 @@ VAL_RMSE = "val/rmse"  # each validation: early stopping, the best checkpoint, p
 VAL_RMSE_BEST = "val/rmse_best"  # the best so far: what sweeps minimise
 TEST_RMSE = "test/rmse"  # once, on the best checkpoint (with refit=true, on the refit one); it chooses nothing
 VAL_MAE, TEST_MAE = "val/mae", "test/mae"  # beside the RMSEs; they choose nothing
+# task=ranking (vae_cf's protocol): NDCG@100 on validation chooses; the test reports NDCG@100, Recall@20 and @50
+VAL_NDCG, VAL_NDCG_BEST = "val/ndcg_at_100", "val/ndcg_at_100_best"
+TEST_RANKING = {"test/ndcg_at_100": ("ndcg", 100), "test/recall_at_20": ("recall", 20),
+                "test/recall_at_50": ("recall", 50)}
 FIT_SECONDS = "time/fit_s"  # wall time of training, validation included (with refit=true, the refit too)
 EPOCHS = "epochs"
 TEST_RMSE_BEFORE_REFIT = "test/rmse_before_refit"  # with refit=true: the validation-chosen model's
@@ -67,3 +71,42 @@ class MaskedMAE(MaskedRMSE):
 
     def compute(self) -> torch.Tensor:
         return (self.sum_absolute_error / self.count).float()
+
+
+class TopK(Metric):
+    """NDCG@k or Recall@k of ranked scores against held-out items, averaged over the users that have any, as
+    vae_cf computes them: binary gains with log2 discounts, NDCG normalised by the ideal ranking of
+    min(k, n held out) items, Recall by min(k, n held out) (so that 1 is reachable). Items a user was given
+    as input must already score -inf."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, kind: str, k: int, **kwargs):
+        super().__init__(**kwargs)
+        if kind not in ("ndcg", "recall"):
+            raise ValueError(f"kind={kind!r}: expected ndcg or recall")
+        self.kind, self.k = kind, k
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("users", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, scores: torch.Tensor, held_out) -> None:
+        """scores (batch, n_items); held_out: the batch's held-out items, SparseRows of the same rows."""
+        relevant = torch.zeros_like(scores, dtype=torch.bool)
+        relevant[held_out.row_index(), held_out.col] = True
+        k = min(self.k, scores.shape[1])
+        hits = relevant.gather(1, scores.topk(k, dim=1).indices).double()  # (batch, k), best first
+        n_relevant = relevant.sum(1)
+        users = n_relevant > 0
+        cut = n_relevant.clamp(max=k)
+        if self.kind == "recall":
+            value = hits.sum(1) / cut.clamp(min=1)
+        else:
+            discount = 1.0 / torch.log2(torch.arange(2, k + 2, device=scores.device, dtype=torch.float64))
+            ideal = torch.cumsum(discount, 0)[(cut - 1).clamp(min=0)]
+            value = (hits * discount).sum(1) / ideal
+        self.total += value[users].sum()
+        self.users += users.sum()
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.users).float()

@@ -14,6 +14,7 @@ model (`model/artifacts/recommender/`, cfae/serving.py).
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import re
 import shutil
@@ -161,12 +162,35 @@ class Recommender:
             lists[known[row]].append(self._entry(int(at) + 1, j, scores[row, j]))
         return lists
 
+    @torch.no_grad()
+    def recommend_for(self, items, k: int = 10, ratings=None) -> list[Recommendation]:
+        """The top k for a user the model has not seen, given by the items they clicked (or rated: `ratings`,
+        one per item): their row is built from those items and scored, the items given left out. The point
+        of the held-out users' protocol; it needs a model whose rows are users and that has no per-user
+        parameters (an autoencoder with user rows, any task=ranking model)."""
+        check_k(k)
+        if self.orientation != "user" or "n_rows" in inspect.signature(type(self.model)).parameters:
+            raise UsageError(f"{type(self.model).__name__} with {self.orientation} rows cannot score a user it has "
+                             f"not seen from their items; a model with user rows and no per-user parameters can")
+        given = np.array([self._item(i) for i in np.atleast_1d(np.asarray(items, dtype=object))], dtype=np.int64)
+        values = np.ones(len(given)) if ratings is None else np.asarray(ratings, dtype=np.float64)
+        if len(values) != len(given) or len(set(given.tolist())) != len(given):
+            raise UsageError(f"{len(given)} items and {len(values)} ratings: give each item once, with one rating")
+        order = np.argsort(given)
+        x = SparseRows(torch.zeros(1, dtype=torch.int64), torch.tensor([0, len(given)]),
+                       torch.as_tensor(given[order]), torch.as_tensor(values[order], dtype=torch.float32),
+                       self.inputs.shape[1]).to(self.model.device)
+        scores = np.clip(self.model(x).float().cpu().numpy()[0].astype(np.float64), self.rating_min, self.rating_max)
+        scores[given] = -np.inf
+        top = np.argsort(-scores, kind="stable")[:min(k, len(scores) - len(given))]
+        return [self._entry(rank, j, scores[j]) for rank, j in enumerate(top, 1)]
+
     def popular(self, k: int) -> list[Recommendation]:
         """The k items with the most good ratings (in the top quarter of the scale: 4 or more on 1..5), their
         mean rating as `rating`: what a user the data does not hold gets."""
         ratings = self.user_ratings()
-        good_from = self.rating_min + 0.75 * (self.rating_max - self.rating_min)
-        good = (ratings >= good_from).astype(np.float32).sum(axis=0).A1  # (n_items,)
+        good_from = self.rating_min + 0.75 * (self.rating_max - self.rating_min)  # NaN for scores: every click
+        good = (ratings >= good_from if np.isfinite(good_from) else ratings > 0).astype(np.float32).sum(axis=0).A1
         counts = ratings.getnnz(axis=0)
         means = np.divide(ratings.sum(axis=0).A1, counts, out=np.zeros(ratings.shape[1]), where=counts > 0)
         return [self._entry(rank, i, means[i]) for rank, i in enumerate(np.argsort(-good, kind="stable")[:k], 1)]
@@ -247,11 +271,11 @@ class Recommender:
 
 def model_class(name: str, manifest: Path) -> type:
     """The cfae model class a saved model's manifest names; anything else is refused, not imported."""
-    from cfae.models import RatingModel
+    from cfae.models import RankingModel, RatingModel
 
     module, _, qualname = str(name).rpartition(".")
     cls = getattr(importlib.import_module(module), qualname, None) if module.startswith("cfae.models.") else None
-    if not (isinstance(cls, type) and issubclass(cls, RatingModel)):
+    if not (isinstance(cls, type) and issubclass(cls, RatingModel | RankingModel)):
         raise UsageError(f"{manifest}: model={name!r} is not one of cfae's models")
     return cls
 

@@ -27,12 +27,16 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy import stats
 
-from cfae.metrics import EPOCHS, FIT_SECONDS, TEST_RMSE, TEST_RMSE_BEFORE_REFIT, VAL_RMSE
+from cfae.metrics import EPOCHS, FIT_SECONDS, TEST_RANKING, TEST_RMSE, TEST_RMSE_BEFORE_REFIT, VAL_RMSE
 from cfae.tracking import finished_study_runs, mlflow_client
 
 log = logging.getLogger("cfae.report")
 
-METRICS = [TEST_RMSE, TEST_RMSE_BEFORE_REFIT, FIT_SECONDS, EPOCHS, "test/recall_at_10", "test/ndcg_at_10"]
+METRICS = [TEST_RMSE, TEST_RMSE_BEFORE_REFIT, FIT_SECONDS, EPOCHS, "test/recall_at_10", "test/ndcg_at_10",
+           *TEST_RANKING]
+# task=ranking's table: vae_cf's three metrics (the published ML-20M figures are in docs/ranking.md)
+RANKING_COLUMNS = [("test/ndcg_at_100", "NDCG@100"), ("test/recall_at_20", "Recall@20"),
+                   ("test/recall_at_50", "Recall@50")]
 LABELS = {  # the study's names for its rows (sec. 5), each beside its design as the study describes it, then ours
     "autorec": "Single hidden layer AE (AutoRec, 500)",
     "study_autorec": "Single hidden layer AE, as the study describes it",
@@ -55,6 +59,11 @@ LABELS = {  # the study's names for its rows (sec. 5), each beside its design as
     "deep_500_700": "Deep AE 500,700 (no batch norm)",
     "deep_refeed": "Deep AE 300,500,750 + dense re-feeding",
     "blend": "Blend of rows, weights fitted on validation",
+    "multvae": "Mult-VAE 600-200-600 (Liang et al.)",
+    "multdae": "Mult-DAE 200 (Liang et al.)",
+    "recvae": "RecVAE (Shenbin et al.)",
+    "ease": "EASE (Steck)",
+    "pop": "Popularity",
 }
 
 
@@ -146,6 +155,48 @@ def markdown(rows: list[dict], study: str, footer: str) -> str:
     return "\n".join(lines)
 
 
+def ranking_table(records: list[dict]) -> list[dict]:
+    """task=ranking: per protocol and row, vae_cf's metrics' means and CIs over the folds (the held-out users'
+    draws)."""
+    groups = defaultdict(list)
+    for r in records:
+        if not r["figure"]:
+            groups[(r["protocol"], r["row"])].append(r)
+    order = list(LABELS)
+    out = []
+    for (protocol, row), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1])
+                                                                       if kv[0][1] in order else len(order))):
+        line = {"protocol": protocol, "row": row, "model": LABELS.get(row, row), "folds": len(rs)}
+        for metric, _ in [*RANKING_COLUMNS, (FIT_SECONDS, ""), (EPOCHS, "")]:
+            name = metric.split("/")[-1]
+            line[name], line[f"{name}_ci"] = mean_ci([r[metric] for r in rs])
+        out.append(line)
+    return out
+
+
+def ranking_markdown(rows: list[dict], study: str, footer: str) -> str:
+    def pm(mean, ci, digits):
+        return f"{mean:.{digits}f}" + ("" if math.isnan(ci) else f" ± {ci:.{digits}f}")
+
+    header = ["model", "row", "folds", *(label for _, label in RANKING_COLUMNS), "training time (s)", "epochs"]
+    lines = [f"# Study `{study}`: top-N from clicks, vae_cf's protocol, mean ± 95% CI over draws of the held-out "
+             "users (t distribution)", ""]
+    for protocol in dict.fromkeys(r["protocol"] for r in rows):
+        lines += [f"## {protocol}", "", "| " + " | ".join(header) + " |",
+                  "| --- | --- |" + " ---: |" * (len(header) - 2)]
+        for r in (r for r in rows if r["protocol"] == protocol):
+            cells = [pm(r[m.split("/")[-1]], r[m.split("/")[-1] + "_ci"], 4) for m, _ in RANKING_COLUMNS]
+            lines.append(f"| {r['model']} | `{r['row']}` | {r['folds']} | {' | '.join(cells)} | "
+                         f"{pm(r['fit_s'], r['fit_s_ci'], 1)} | {r['epochs']:.0f} |")
+        lines.append("")
+    lines += ["Ratings above 3.5 are clicks; users with fewer than 5 are dropped; held-out users' clicks are split "
+              "80/20 into input and scored (data.split=users, cfae/data/splits.py); NDCG@100 and Recall@k rank every "
+              "item the user was not given (cfae/metrics.py). Validation's NDCG@100 chose each model's epoch. "
+              "Training time: fit wall time, validation included.", "",
+              "Runs and commands: " + footer.replace("\n", "; ") + ".", ""]
+    return "\n".join(lines)
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -197,21 +248,26 @@ def stamp(fig, text: str) -> None:
     fig.tight_layout(rect=(0, 0.03 + 0.025 * len(lines), 1, 1))
 
 
-def validation_curve(values: list[float], path: Path, title: str, metric: str = VAL_RMSE) -> Path:
+def validation_curve(values: list[float], path: Path, title: str, metric: str = VAL_RMSE,
+                     higher_is_better: bool = False) -> Path:
     """One run's validation metric per epoch, zoomed on where the epoch is chosen (the first epochs' values can
-    lie far above and would flatten the rest), its best epoch marked."""
+    lie far off and would flatten the rest), its best epoch marked."""
     fig = Figure(figsize=(5.5, 3.4))  # no pyplot: a notebook's plotting backend stays as it is
     ax = fig.subplots()
     epochs = np.arange(1, len(values) + 1)
-    best = int(np.argmin(values))
+    sign = -1.0 if higher_is_better else 1.0  # the zoom is worked out as if lower were better
+    worse = sign * np.asarray(values)
+    best = int(np.argmin(worse))
     ax.plot(epochs, values, marker="o", markersize=3)
     ax.plot(epochs[best], values[best], "o", color="C3", label=f"best: {values[best]:.4f} at epoch {best + 1}")
-    lowest = values[best]
-    top = min(max(values), lowest + max(0.02, 4 * (float(np.median(values)) - lowest)))
-    ax.set_ylim(lowest - 0.1 * (top - lowest) - 1e-4, top + 0.05 * (top - lowest) + 1e-4)
-    clipped = sum(v > top for v in values)
-    ax.set(xlabel="epoch", ylabel=metric, title=title + (f"\n({clipped} higher value{'s' * (clipped > 1)} above "
-                                                          f"the top)" if clipped else ""))
+    lowest = worse[best]
+    top = min(worse.max(), lowest + max(0.02, 4 * (float(np.median(worse)) - lowest)))
+    limits = sign * (lowest - 0.1 * (top - lowest) - 1e-4), sign * (top + 0.05 * (top - lowest) + 1e-4)
+    ax.set_ylim(min(limits), max(limits))
+    clipped = int((worse > top).sum())
+    side = "below the bottom" if higher_is_better else "above the top"
+    ax.set(xlabel="epoch", ylabel=metric, title=title + (f"\n({clipped} value{'s' * (clipped > 1)} {side})"
+                                                          if clipped else ""))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -224,12 +280,13 @@ def knob_value(key: str) -> float:
     return float(key.rsplit("=", 1)[1])
 
 
-def knob_figure(records: list[dict], figure: str, xlabel: str, title: str, path: Path, command: str) -> bool:
-    """Test RMSE against a knob's value (mean and 95% CI over the figure's folds)."""
+def knob_figure(records: list[dict], figure: str, xlabel: str, title: str, path: Path, command: str,
+                metric: str = TEST_RMSE, ylabel: str = "test RMSE (1..5 scale)") -> bool:
+    """A test metric against a knob's value (mean and 95% CI over the figure's folds)."""
     points = defaultdict(list)
     for r in records:
         if r["figure"] == figure:
-            points[knob_value(r["key"])].append(r[TEST_RMSE])
+            points[knob_value(r["key"])].append(r[metric])
     if not points:
         return False
     xs = sorted(points)
@@ -240,7 +297,7 @@ def knob_figure(records: list[dict], figure: str, xlabel: str, title: str, path:
     for x, m in zip(xs, means):
         ax.annotate(f"{m:.4f}", (x, m), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
     folds = sorted({r["fold"] for r in records if r["figure"] == figure})
-    ax.set(xlabel=xlabel, ylabel="test RMSE (1..5 scale)", title=f"{title}\n(fold{'s' * (len(folds) > 1)} "
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{title}\n(fold{'s' * (len(folds) > 1)} "
            f"{','.join(map(str, folds))})")
     ax.grid(alpha=0.3)
     stamp(fig, provenance([r for r in records if r["figure"] == figure], command))
@@ -307,7 +364,7 @@ def figure_note(drawn: dict[str, bool]) -> str:
     plan without figures, such as the kernel models'), their names when only some are there."""
     missing = [name for name, ok in drawn.items() if not ok]
     if not any(drawn.values()):
-        return "\nNo figures: the study has none of the runs of figures 3-8.\n"
+        return "\nNo figures: the study has none of the figures' runs.\n"
     return f"\nMissing figures (their runs are not in the store): {', '.join(missing)}\n" if missing else ""
 
 
@@ -320,11 +377,19 @@ def report(study: str = "study", out: str | Path = "reports", uri: str | None = 
         raise SystemExit(f"no finished runs of study {study!r} in {client.tracking_uri}: run python -m cfae.study")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = table(records)
     footer = provenance(records, command)
-    drawn = figures(client, records, out, command)
+    if all(math.isnan(r[TEST_RMSE]) for r in records):  # task=ranking
+        rows = ranking_table(records)
+        figure = out / "ranking_latent_size.png"
+        drawn = {figure.name: knob_figure(records, "ranking_latent_size", "latent size (the code)",
+                                          "Mult-VAE: NDCG@100 against the latent size", figure, command,
+                                          "test/ndcg_at_100", "test NDCG@100")}
+        text = ranking_markdown(rows, study, footer)
+    else:
+        rows = table(records)
+        drawn = figures(client, records, out, command)
+        text = markdown(rows, study, footer)
     missing = [name for name, ok in drawn.items() if not ok]
-    text = markdown(rows, study, footer)
     text += "\n".join(f"![{name}]({name})" for name, ok in drawn.items() if ok) + "\n" + figure_note(drawn)
     (out / f"{study}.md").write_text(text)
     write_csv(rows, out / f"{study}.csv")
@@ -334,10 +399,11 @@ def report(study: str = "study", out: str | Path = "reports", uri: str | None = 
         for f in files:
             client.log_artifact(run.info.run_id, str(f))
         for r in rows:
-            client.log_metric(run.info.run_id, f"{r['protocol']}/{r['row']}/test_rmse", r["rmse"])
+            headline = "rmse" if "rmse" in r else "ndcg_at_100"
+            client.log_metric(run.info.run_id, f"{r['protocol']}/{r['row']}/test_{headline}", r[headline])
         client.set_terminated(run.info.run_id)
-    log.info("study %r: %d runs, %d table rows, figures %d/6 -> %s", study, len(records), len(rows),
-             len(drawn) - len(missing), out)
+    log.info("study %r: %d runs, %d table rows, figures %d/%d -> %s", study, len(records), len(rows),
+             len(drawn) - len(missing), len(drawn), out)
     return {"rows": rows, "files": files, "missing": missing}
 
 

@@ -5,11 +5,13 @@ model registry take.
     curl -X POST localhost:5001/invocations -H 'Content-Type: application/json' \\
          -d '{"dataframe_records": [{"user_id": 42}], "params": {"k": 10}}'             # top 10 for user 42
     curl ... -d '{"dataframe_records": [{"user_id": 42, "item_id": 1}]}'                  # a predicted rating
+    curl ... -d '{"dataframe_records": [{"user_id": "new", "items": [1, 50, 260]}]}'      # a new user's top 10
 
 A request is a table of `user_id`s, with an `item_id` column for predicted ratings of (user, item) pairs;
-without one, each user gets a top-k list (`params`: `k`, default 10, and `exclude_seen`, default true). Ids
-are the data's own, numbers or text. The answer is a table with columns user_id, rank, item_id, title, rating
-(rank 0 for a pair's rating).
+without one, each user gets a top-k list (`params`: `k`, default 10, and `exclude_seen`, default true). A user
+the model has not seen can be given by their items, an `items` column of lists (`{"user_id": "new", "items":
+[1, 50, 260]}`), and is scored from them. Ids are the data's own, numbers or text. The answer is a table with
+columns user_id, rank, item_id, title, rating (rank 0 for a pair's rating; a score where the model ranks).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 import mlflow.pyfunc
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -35,7 +38,8 @@ CODE = Path(__file__).with_name("pyfunc_model.py")  # the pyfunc model, as code 
 SIGNATURE = ModelSignature(
     # ids as the client sends them, numbers or text: a "long" column would have the server truncate 42.7 to
     # 42 before the model could refuse it, a "string" one would refuse Python's integers
-    inputs=Schema([ColSpec(AnyType(), "user_id"), ColSpec(AnyType(), "item_id", required=False)]),
+    inputs=Schema([ColSpec(AnyType(), "user_id"), ColSpec(AnyType(), "item_id", required=False),
+                   ColSpec(AnyType(), "items", required=False)]),
     outputs=Schema([ColSpec(AnyType(), "user_id"), ColSpec("long", "rank"), ColSpec(AnyType(), "item_id"),
                     ColSpec("string", "title"), ColSpec("double", "rating")]),
     params=ParamSchema([ParamSpec("k", "long", 10), ParamSpec("exclude_seen", "boolean", True)]),
@@ -78,9 +82,14 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):
 def answer(rec: Recommender, requests: pd.DataFrame, k: int = 10, exclude_seen: bool = True) -> pd.DataFrame:
     """Top-k lists, or predicted ratings where a request names an item; the users' lists come from one batched
     product."""
-    has_item = requests["item_id"].notna() if "item_id" in requests else pd.Series(False, index=requests.index)
-    pairs, users = requests[has_item], requests.loc[~has_item, "user_id"].to_numpy()
+    none = pd.Series(False, index=requests.index)
+    has_item = requests["item_id"].notna() if "item_id" in requests else none
+    given = requests["items"].map(lambda v: v is not None and not (isinstance(v, float) and np.isnan(v))) \
+        if "items" in requests else none
+    pairs, users = requests[has_item], requests.loc[~has_item & ~given, "user_id"].to_numpy()
     rows = []
+    for _, request in requests[given].iterrows():  # users the model has not seen, given by their items
+        rows += [(request["user_id"], *r) for r in rec.recommend_for(list(request["items"]), int(k))]
     if len(pairs):
         ratings = rec.predict(pairs["user_id"].to_numpy(), pairs["item_id"].to_numpy())
         for user, item, rating in zip(pairs["user_id"], pairs["item_id"], ratings):

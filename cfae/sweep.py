@@ -54,7 +54,7 @@ from cfae.tracking import git_commit, mlflow_client, run_page, tracking_uri, ui_
 
 log = logging.getLogger(__name__)
 
-OBJECTIVE = VAL_RMSE_BEST  # what each trial reports as its value
+OBJECTIVE = VAL_RMSE_BEST  # what each trial reports as its value, unless its task says another (cfg.task.objective)
 
 
 # -- the search space ------------------------------------------------------------------------------------
@@ -191,6 +191,7 @@ class OptunaSweep(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
                                                                 task_function=task_function)
         self.tracking_uri = config.logger.uri if config.get("logger") else None
+        self.objective = OmegaConf.select(config, "task.objective") or OBJECTIVE
         self.job_idx = 0
 
     def sweep(self, arguments: list[str]) -> None:
@@ -214,7 +215,7 @@ class OptunaSweep(Sweeper):
             finally:
                 if parent:
                     try:
-                        best = summarise_study(study, parent, self.tracking_uri, status, error)
+                        best = summarise_study(study, parent, self.tracking_uri, status, error, self.objective)
                     except Exception:  # the sweep's own outcome (its error, its exit status) comes first
                         log.exception("could not summarise the sweep in MLflow run %s", parent)
             self.report(study, grid, parent, best)
@@ -234,7 +235,7 @@ class OptunaSweep(Sweeper):
             log.warning("no trial completed (all pruned or failed): the study has no best value")
             return
         settings = " ".join(f"{k}={v}" for k, v in study.best_params.items())
-        log.info("best: %s=%.4f, trial %d: %s", OBJECTIVE, study.best_value, study.best_trial.number, settings)
+        log.info("best: %s=%.4f, trial %d: %s", self.objective, study.best_value, study.best_trial.number, settings)
         folder = Path(self.config.hydra.sweep.dir)
         folder.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": study.best_params,
@@ -259,6 +260,9 @@ class OptunaSweep(Sweeper):
             raise ConfigError("nothing to sweep: give parameters (hidden=300,500,750) or a model with a "
                               "search space in conf/search_space/")
         check_config(self.config, sweeping=True)
+        from cfae.train import check_task  # here: the sweeper's start-up stays light until it has a config
+
+        check_task(self.config)
         for name in distributions:  # a swept knob the model would ignore is refused now
             check_knob(self.config, name, "(swept)")
         if self.config.get("logger"):
@@ -356,14 +360,14 @@ class OptunaSweep(Sweeper):
                                 tags={"cfae.sweep": self.study_name, "optuna.storage": str(self.storage_url),
                                       "cfae.process": this_process(), "mlflow.source.git.commit": git_commit(),
                                       "mlflow.note.content": f"Optuna sweep {self.study_name}: minimises "
-                                                             f"{OBJECTIVE}; one child run per trial"})
+                                                             f"{self.objective}; one child run per trial"})
         # the sweep's base config, as its trials start from it (each child run holds its own resolved values)
         client.log_text(run.info.run_id, OmegaConf.to_yaml(self.config), "config.yaml")
         return run.info.run_id
 
 
 def summarise_study(study: optuna.Study, parent_run_id: str, uri: str | None, status: str,
-                    error: str | None = None) -> dict | None:
+                    error: str | None = None, objective: str = OBJECTIVE) -> dict | None:
     """Best value and params, trial counts, the trials table and Optuna's plots on the parent run, closed
     with `status` (and an `error` tag saying why, if it did not finish); the best trial's MLflow run
     (`run_id`, `experiment_id` and, if registered, `model`), None without a completed trial."""
@@ -375,23 +379,23 @@ def summarise_study(study: optuna.Study, parent_run_id: str, uri: str | None, st
         client.log_metric(parent_run_id, f"trials/{state.name.lower()}", sum(t.state == state for t in trials))
     best = None
     if any(t.state == TrialState.COMPLETE for t in trials):
-        client.log_metric(parent_run_id, OBJECTIVE, study.best_value)  # the runs table's column, on the sweep's row
-        client.log_metric(parent_run_id, f"best/{OBJECTIVE}", study.best_value)
+        client.log_metric(parent_run_id, objective, study.best_value)  # the runs table's column, on the sweep's row
+        client.log_metric(parent_run_id, f"best/{objective}", study.best_value)
         for name, value in study.best_params.items():
             client.log_param(parent_run_id, f"best/{name}", value)
         client.set_tag(parent_run_id, "best_trial", study.best_trial.number)
-        best = best_run(client, study, client.get_run(parent_run_id).info.experiment_id)
+        best = best_run(client, study, client.get_run(parent_run_id).info.experiment_id, objective)
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "trials.csv"
         study.trials_dataframe().to_csv(table, index=False)
         client.log_artifact(parent_run_id, str(table))
-        for path in _plots(study, Path(tmp)) if best else ():
+        for path in _plots(study, Path(tmp), objective) if best else ():
             client.log_artifact(parent_run_id, str(path), "plots")
     client.set_terminated(parent_run_id, status)
     return best
 
 
-def best_run(client, study: optuna.Study, experiment_id: str) -> dict | None:
+def best_run(client, study: optuna.Study, experiment_id: str, objective: str = OBJECTIVE) -> dict | None:
     """The best trial's FINISHED run (`run_id`, `experiment_id`), and its model registered as a version of
     `cfae-<study>` in the model registry (once per run; `model`: `models:/cfae-<study>/<version>`), so that
     `models:/cfae-<study>/latest` names the sweep's best model. None if the trial has no finished run here
@@ -408,16 +412,16 @@ def best_run(client, study: optuna.Study, experiment_id: str) -> dict | None:
         return found
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name, description=f"The best trial of the Optuna study {study.study_name} "
-                                                         f"(lowest {OBJECTIVE})")
+                                                         f"(best {objective})")
     versions = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
     if not versions:
         versions = [client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
                                                 tags={"optuna.trial": str(study.best_trial.number),
-                                                      OBJECTIVE: str(study.best_value)})]
+                                                      objective: str(study.best_value)})]
     return {**found, "model": f"models:/{name}/{versions[0].version}"}
 
 
-def _plots(study: optuna.Study, folder: Path) -> list[Path]:
+def _plots(study: optuna.Study, folder: Path, objective: str = OBJECTIVE) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -429,7 +433,7 @@ def _plots(study: optuna.Study, folder: Path) -> list[Path]:
                        ("param_importances", ovm.plot_param_importances),
                        ("parallel_coordinate", ovm.plot_parallel_coordinate)):
         try:
-            ax = plot(study, target_name=OBJECTIVE)
+            ax = plot(study, target_name=objective)
         except (ValueError, RuntimeError) as err:  # e.g. importances need two completed trials
             log.warning("no %s plot: %s", name, err)
             continue

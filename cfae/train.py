@@ -35,12 +35,12 @@ from cfae.metrics import (
     EPOCHS,
     FIT_SECONDS,
     REFIT_EPOCHS,
-    TEST_MAE,
     TEST_RMSE,
     TEST_RMSE_BEFORE_REFIT,
     VAL_RMSE,
     VAL_RMSE_BEST,
 )
+from cfae.models import RankingModel
 from cfae.processes import machine
 from cfae.ranking import evaluate_ranking
 from cfae.recommender import ARTIFACT, Recommender
@@ -60,7 +60,7 @@ from cfae.tracking import (
 
 log = logging.getLogger(__name__)
 
-OBJECTIVE = VAL_RMSE_BEST  # what sweeps minimise; checkpointing and early stopping watch val/rmse
+OBJECTIVE = VAL_RMSE_BEST  # task=rating's objective; cfg.task.objective says each run's
 
 
 def choice(cfg: DictConfig, group: str) -> str | None:
@@ -137,14 +137,31 @@ def build_model(cfg: DictConfig, datamodule, scheduled: bool = True) -> L.Lightn
     has per-row parameters, the rating scale) and, unless it is fitted in closed form, its optimizer and,
     if `scheduled`, the scheduler of `cfg.scheduler`."""
     cls = get_class(cfg.model._target_)
-    rating_min, rating_max = datamodule.rating_range
-    given = {"n_inputs": datamodule.n_cols, "rating_min": rating_min, "rating_max": rating_max}
+    given = {"n_inputs": datamodule.n_cols}
+    if not issubclass(cls, RankingModel):  # scores of clicks are not clipped to a scale
+        given["rating_min"], given["rating_max"] = datamodule.rating_range
     if "n_rows" in inspect.signature(cls).parameters:
         given["n_rows"] = datamodule.n_rows
     if not cls.closed_form:
         given["optimizer"] = instantiate(cfg.optimizer)
         given["scheduler"] = instantiate(cfg.scheduler) if scheduled and cfg.get("scheduler") else None
     return build(cfg.model, _convert_="all", **given)  # plain lists and dicts: they go into the checkpoint
+
+
+RANKERS = "multvae, multdae, recvae, ease, pop"
+
+
+def check_task(cfg: DictConfig) -> None:
+    """The model does the task asked of it: a RatingModel predicts ratings (task=rating), a RankingModel ranks
+    items from clicks (task=ranking); refit=true is the rating task's."""
+    ranks = issubclass(get_class(cfg.model._target_), RankingModel)
+    name, task = model_name(cfg), cfg.task.name
+    if ranks and task != "ranking":
+        raise ConfigError(f"model={name} ranks items from clicks: add task=ranking")
+    if not ranks and task == "ranking":
+        raise ConfigError(f"model={name} predicts ratings; task=ranking takes {RANKERS}")
+    if task == "ranking" and cfg.get("refit"):
+        raise ConfigError("refit=true: the rating task's; task=ranking chooses its epoch on validation only")
 
 
 def split_note(data: DictConfig) -> tuple[str, str]:
@@ -267,6 +284,7 @@ def fit(cfg: DictConfig, ratings=None) -> Trained:
     """
     register_resolvers()
     check_config(cfg)
+    check_task(cfg)
     digest = config_digest(cfg)  # of the config as composed: what the study compares to skip a run
     if cfg.get("logger"):
         mlflow_client(tracking_uri(cfg.logger.uri), cfg.logger.experiment_name)  # the store answers and exists
@@ -353,16 +371,18 @@ def refit(cfg: DictConfig, datamodule, best: str,
     return model, str(path), epochs, seconds
 
 
-def log_validation_curve(logger, output_dir: Path) -> None:
-    """The run's val/rmse per epoch as a figure among its artifacts (val_rmse.png), zoomed on where the epoch is
-    chosen: MLflow's own chart scales to the first epochs' values, which can lie far above the rest."""
-    history = sorted(logger.experiment.get_metric_history(logger.run_id, VAL_RMSE), key=lambda m: (m.step, m.timestamp))
+def log_validation_curve(logger, output_dir: Path, monitor: str = VAL_RMSE, mode: str = "min") -> None:
+    """The run's validation metric per epoch as a figure among its artifacts (val_rmse.png, val_ndcg_at_100.png),
+    zoomed on where the epoch is chosen: MLflow's own chart scales to the first epochs' values, which can lie far
+    from the rest."""
+    history = sorted(logger.experiment.get_metric_history(logger.run_id, monitor), key=lambda m: (m.step, m.timestamp))
     if len(history) < 2:  # a model solved in closed form: one value
         return
     from cfae.report import validation_curve  # matplotlib, only once a run has a curve to draw
 
     name = logger.experiment.get_run(logger.run_id).info.run_name
-    path = validation_curve([m.value for m in history], output_dir / "val_rmse.png", name)
+    path = validation_curve([m.value for m in history], output_dir / f"{monitor.replace('/', '_')}.png", name, monitor,
+                            higher_is_better=mode == "max")
     logger.experiment.log_artifact(logger.run_id, str(path))
 
 
@@ -373,13 +393,14 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
     # The best weights at each improvement (weights only: 24 MB for ML-1M AutoRec, written in a third of the
     # time of the 72 MB full state); the full state for `resume` after the first epoch, then at most every
     # `checkpoint_every_s` seconds (LastCheckpoint). Writing both every epoch took longer than an ML-1M epoch.
-    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor=VAL_RMSE,
-                                 mode="min", save_top_k=1, save_weights_only=True, enable_version_counter=False)
+    task = cfg.task  # what validation watches (val/rmse, lower is better; val/ndcg_at_100, higher) and returns
+    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor=task.monitor,
+                                 mode=task.mode, save_top_k=1, save_weights_only=True, enable_version_counter=False)
     rates = LearningRates()  # what a refit replays
     callbacks = [checkpoint, last, rates, *configured_callbacks(cfg)]
     if cfg.get("scheduler") and logger:
         callbacks.append(LearningRateMonitor("epoch"))  # the schedule, epoch by epoch, in MLflow
-    reporting = TrialReporting(trial) if trial else None
+    reporting = TrialReporting(trial, task.monitor) if trial else None
     if reporting:
         callbacks.append(reporting)
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
@@ -395,16 +416,17 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
         if last.interrupt is not None:  # stopped by a signal at the end of a batch; the state is saved
             raise Interrupted(last.interrupt.name)
         best = checkpoint.best_model_path
-    metrics = {OBJECTIVE: float(model.val_rmse_best.compute()), FIT_SECONDS: time.perf_counter() - start,
-               EPOCHS: trainer.current_epoch}
+    metrics = {task.objective: float(trainer.callback_metrics[task.objective]),
+               FIT_SECONDS: time.perf_counter() - start, EPOCHS: trainer.current_epoch}
     pruned = reporting is not None and reporting.pruned
     if not pruned and cfg.get("refit"):  # the model tested, ranked and saved is then the one trained anew
         metrics[TEST_RMSE_BEFORE_REFIT] = tested(cfg, model, datamodule, best)
         model, best, metrics[REFIT_EPOCHS], seconds = refit(cfg, datamodule, best, rates)
         metrics[FIT_SECONDS] += seconds
+    test = {}  # what trainer.test logs: test/rmse and test/mae, or the rankings
     if not pruned:  # no test for a trial the sweep gave up on
         test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
-        metrics[TEST_RMSE], metrics[TEST_MAE] = float(test[TEST_RMSE]), float(test[TEST_MAE])
+        metrics.update({name: float(value) for name, value in test.items()})  # test/rmse, test/mae; or the rankings
         if cfg.get("ranking"):  # on the best checkpoint, which trainer.test has loaded into the model
             ranking = evaluate_ranking(model, datamodule, **OmegaConf.to_container(cfg.ranking))
             metrics.update({f"test/{k}": v for k, v in (ranking or {}).items()})
@@ -412,11 +434,13 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
         with tempfile.TemporaryDirectory() as tmp:  # copied into the pyfunc model, which cfae.load reads
             saved = serving.save(recommender, recommender.save(Path(tmp) / ARTIFACT, best), output_dir / MODEL)
     if logger:  # once, at the last epoch; val/rmse_best and test/rmse are already logged where they belong
-        logger.log_metrics({k: v for k, v in metrics.items() if k not in (TEST_RMSE, TEST_MAE, OBJECTIVE)},
+        logger.log_metrics({k: v for k, v in metrics.items() if k not in (*test, task.objective)},
                            step=metrics[EPOCHS])
         if not pruned:
             note = logger.experiment.get_run(logger.run_id).data.tags.get(MLFLOW_RUN_NOTE, "")
-            logger.experiment.set_tag(logger.run_id, MLFLOW_RUN_NOTE, f"{note}: test RMSE {metrics[TEST_RMSE]:.4f}")
+            headline = next(iter(test))  # test/rmse, or test/ndcg_at_100
+            said = {TEST_RMSE: "test RMSE", "test/ndcg_at_100": "test NDCG@100"}.get(headline, headline)
+            logger.experiment.set_tag(logger.run_id, MLFLOW_RUN_NOTE, f"{note}: {said} {metrics[headline]:.4f}")
         if trial is not None:
             logger.experiment.set_tag(logger.run_id, "optuna.state", "PRUNED" if pruned else "COMPLETE")
         if not pruned:  # the model you can load and serve: weights, arguments, input ratings, ids, titles
@@ -425,22 +449,20 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
         if not logger.flush():
             raise RuntimeError("the tracking store still does not take this run's metrics; its checkpoints "
                                f"are in {output_dir / 'checkpoints'}")
-        log_validation_curve(logger, output_dir)
+        log_validation_curve(logger, output_dir, task.monitor, task.mode)
         logger.close("KILLED" if pruned else "FINISHED")
     if trial is not None:  # the job tells its own result: the study has it even if the sweeper dies now
         try:
             if pruned:
                 trial.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             else:
-                trial.study.tell(trial, metrics[OBJECTIVE])
+                trial.study.tell(trial, metrics[task.objective])
         except (ValueError, RuntimeError) as err:  # failed meanwhile (its heartbeat seemed lost): keep the run
             log.warning("trial %d was already closed in the study (%s); its result stays in this run",
                         trial.number, err)
-    shown = [TEST_RMSE, TEST_MAE, TEST_RMSE_BEFORE_REFIT,
-             *(k for k in metrics if k.startswith(("test/recall_at_", "test/ndcg_at_")))]
-    summary = "  ".join(f"{k}={metrics[k]:.4f}" for k in shown if k in metrics)
-    log.info("%s after %d epochs (%.1f s): " + OBJECTIVE + "=%.4f  %s", "pruned" if pruned else "done",
-             metrics[EPOCHS], metrics[FIT_SECONDS], metrics[OBJECTIVE], summary)
+    summary = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("test/") and "users" not in k)
+    log.info("%s after %d epochs (%.1f s): %s=%.4f  %s", "pruned" if pruned else "done", metrics[EPOCHS],
+             metrics[FIT_SECONDS], task.objective, metrics[task.objective], summary)
     log.info("checkpoints: %s", output_dir / "checkpoints")
     if logger and trial is not None:  # the sweep ends with where to look
         log.info("MLflow run %s", logger.run_id)

@@ -38,15 +38,20 @@ log = logging.getLogger(__name__)
 
 
 class ShuffledBatches(torch.utils.data.Sampler[list[int]]):
-    """Row numbers in a fresh random order each epoch, cut into batches; every row is served once. A
-    last batch of a single row joins the one before it (batch normalisation cannot train on one row)."""
+    """Row numbers in a fresh random order each epoch, cut into batches; every row is served once (`rows`:
+    these row numbers only). A last batch of a single row joins the one before it (batch normalisation cannot
+    train on one row)."""
 
-    def __init__(self, n_rows: int, batch_size: int, generator: torch.Generator):
+    def __init__(self, n_rows: int, batch_size: int, generator: torch.Generator, rows: np.ndarray | None = None):
         self.n_rows, self.batch_size, self.generator = n_rows, batch_size, generator
+        self.rows = None if rows is None else torch.as_tensor(rows)
+        if self.rows is not None:
+            self.n_rows = len(self.rows)
 
     def __iter__(self):  # a generator: the order is drawn at the first batch, not when iter() is called, so
         # an iterator made and dropped unused (DataLoader's worker set-up does so) takes no draw of its own
-        batches = list(torch.randperm(self.n_rows, generator=self.generator).split(self.batch_size))
+        order = torch.randperm(self.n_rows, generator=self.generator)
+        batches = list((order if self.rows is None else self.rows[order]).split(self.batch_size))
         if len(batches) > 1 and len(batches[-1]) == 1:
             batches[-2:] = [torch.cat(batches[-2:])]
         for b in batches:
@@ -119,6 +124,7 @@ class RatingsDataModule(L.LightningDataModule):
         columns: dict | None = None,  # {user, item, rating[, timestamp]}: the table's column for each
         sep: str | None = None,  # a CSV's separator; None: the one its header uses
         scale: list[float] | None = None,  # [min, max] of the ratings; None: the release's, or the table's own
+        clicks_above: float | None = None,  # task=ranking: ratings above it are clicks (1), the others dropped
         root: str | None = None,  # None: $CFAE_DATA_DIR, else the user cache
         download: bool = True,
         min_item_ratings: int = 10,  # the study, sec. 4.1
@@ -165,6 +171,7 @@ class RatingsDataModule(L.LightningDataModule):
         self.dataset, self.root, self.download = dataset, root, download
         self.path, self.columns, self.sep = path, dict(columns or {}), sep
         self.scale = tuple(scale) if scale is not None else None
+        self.clicks_above = clicks_above
         self.min_item_ratings, self.min_user_ratings, self.orientation = min_item_ratings, min_user_ratings, orientation
         self.split, self.fold, self.n_folds = split, fold, n_folds
         self.test_fraction, self.val_fraction = test_fraction, val_fraction
@@ -220,8 +227,12 @@ class RatingsDataModule(L.LightningDataModule):
         if self.prepared:
             return
         ratings, source, checksum = self.read()
+        if self.clicks_above is not None:  # vae_cf: ratings above 3.5 are clicks, before users are counted
+            ratings = ratings.clicks(self.clicks_above)
         rm = build_matrix(ratings, self.min_item_ratings, source=source, min_user_ratings=self.min_user_ratings)
-        if self.scale:
+        if self.clicks_above is not None:
+            low, high = 0.0, 1.0
+        elif self.scale:
             low, high = self.scale
         elif self.spec:
             low, high = self.spec.rating_min, self.spec.rating_max
@@ -348,8 +359,10 @@ class RatingsDataModule(L.LightningDataModule):
         the shuffle. Otherwise the host slices CSR rows, in `num_workers` processes, into pinned memory
         when a GPU is to receive them."""
         generator = torch.Generator().manual_seed(self.seed * 1000 + self.fold)
+        trained = np.flatnonzero(np.diff(self.train_matrix.indptr))  # rows with training ratings: not held-out users
         sampler = ([list(range(self.n_rows))] if self.whole_matrix() else
-                   ShuffledBatches(self.n_rows, self.batch_size, generator))
+                   ShuffledBatches(self.n_rows, self.batch_size, generator,
+                                   None if len(trained) == self.n_rows else trained))
         device = self.device()
         if self.holds_batches_on_device(device):
             return DataLoader(_RowNumbers(self.n_rows), sampler=sampler, batch_size=None)

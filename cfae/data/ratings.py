@@ -36,6 +36,14 @@ class Ratings(NamedTuple):
     def item_id(self, i: int):
         return self.items[i] if self.item_names is None else self.item_names[self.items[i]]
 
+    def clicks(self, above: float) -> Ratings:
+        """The ratings above `above` as clicks (1.0), the others dropped (implicit feedback, as vae_cf makes it);
+        the data's order kept, so positions and timestamps still align (lines no longer do)."""
+        keep = self.ratings > above
+        return self._replace(users=self.users[keep], items=self.items[keep], ratings=np.ones(int(keep.sum()),
+                             dtype=np.float32), timestamps=None if self.timestamps is None else self.timestamps[keep],
+                             path=None)
+
     def where(self, i: int, source: str) -> str:
         """Where rating i is: its file and line, else its row in `source`."""
         if self.path is None:
