@@ -98,3 +98,57 @@ def test_a_model_must_do_the_task_asked(data_root, tmp_path):
         check_task(cfae.compose("task=ranking", "model=autorec"))
     with pytest.raises(UsageError, match="model=multvae ranks items from clicks: add task=ranking"):
         check_task(cfae.compose("model=multvae"))
+
+
+RANKING_PLAN = """
+name: ranking-mini
+folds: [0, 1]
+rows: [multdae, ease, pop]
+protocols:
+  synthetic: {overrides: []}
+figure_folds: [0]
+figures:
+  ranking_latent_size: {experiment: multvae, knob: hidden, values: [8, 16]}
+"""
+
+
+def test_the_ranking_study_runs_and_its_report_has_its_table_and_figure(data_root, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from cfae import report, study
+
+    (tmp_path / "plan.yaml").write_text(RANKING_PLAN)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert study.main(["--config", str(tmp_path / "plan.yaml"), "--output-dir", str(tmp_path / "out"), "--",
+                       f"data.root={data_root}", "data.download=false", "data.heldout_users=30",
+                       "trainer.max_epochs=2", "data.batch_size=64", f"logger.uri={uri}"]) == 0
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("cfae").experiment_id],
+                              "tags.`cfae.study` = 'ranking-mini'")
+    assert len(runs) == 3 * 2 + 2 and all(r.data.params["task/name"] == "ranking" for r in runs)
+    result = report.report("ranking-mini", tmp_path / "reports", uri, log_to_mlflow=False)
+    assert [r["row"] for r in result["rows"]] == ["multdae", "ease", "pop"] and result["missing"] == []
+    assert all(r["folds"] == 2 and 0 < r["ndcg_at_100"] <= 1 and r["ndcg_at_100_ci"] >= 0 for r in result["rows"])
+    text = (tmp_path / "reports" / "ranking-mini.md").read_text()
+    assert "| NDCG@100 | Recall@20 | Recall@50 |" in text and "EASE (Steck)" in text
+    assert (tmp_path / "reports" / "ranking_latent_size.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_a_ranking_sweep_maximises_validation_ndcg(data_root, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import optuna
+
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "CFAE_DATA_DIR": str(data_root)}
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "sweep.py"), "-m", "task=ranking",
+                           "model=ease", "data.heldout_users=30", "model.l2=choice(1,30,1000)"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = optuna.load_study(study_name="ease-ml1m-user-users-fold0",
+                               storage=f"sqlite:///{tmp_path}/mlruns/optuna.db").trials
+    best = max(trials, key=lambda t: t.value)
+    assert len(trials) == 3 and f"best: val/ndcg_at_100_best={best.value:.4f}" in done.stdout
