@@ -34,9 +34,12 @@ log = logging.getLogger("cfae.report")
 
 METRICS = [TEST_RMSE, TEST_RMSE_BEFORE_REFIT, FIT_SECONDS, EPOCHS, "test/recall_at_10", "test/ndcg_at_10",
            *TEST_RANKING]
-# task=ranking's table: vae_cf's three metrics (the published ML-20M figures are in docs/ranking.md)
-RANKING_COLUMNS = [("test/ndcg_at_100", "NDCG@100"), ("test/recall_at_20", "Recall@20"),
-                   ("test/recall_at_50", "Recall@50")]
+# The table's columns: (metric, name in the table's rows); task=ranking's are vae_cf's three (the published
+# ML-20M figures are in docs/ranking.md)
+RATING_COLUMNS = [(TEST_RMSE, "rmse"), (TEST_RMSE_BEFORE_REFIT, "rmse_before_refit"), (FIT_SECONDS, "time_s"),
+                  (EPOCHS, "epochs"), ("test/recall_at_10", "recall_at_10"), ("test/ndcg_at_10", "ndcg_at_10")]
+RANKING_COLUMNS = [("test/ndcg_at_100", "ndcg_at_100"), ("test/recall_at_20", "recall_at_20"),
+                   ("test/recall_at_50", "recall_at_50"), (FIT_SECONDS, "time_s"), (EPOCHS, "epochs")]
 LABELS = {  # the study's names for its rows (sec. 5), each beside its design as the study describes it, then ours
     "autorec": "Single hidden layer AE (AutoRec, 500)",
     "study_autorec": "Single hidden layer AE, as the study describes it",
@@ -95,8 +98,8 @@ def load_runs(client, experiment_id: str, study: str) -> list[dict]:
     return [r for r in latest.values() if r["dataset"] == newest_dataset]
 
 
-def table(records: list[dict]) -> list[dict]:
-    """Per protocol and row (the figures' extra runs excluded): means and CIs over the folds."""
+def table(records: list[dict], columns: list[tuple[str, str]] = RATING_COLUMNS) -> list[dict]:
+    """Per protocol and row (the figures' extra runs excluded): each column's mean and CI over the folds."""
     groups = defaultdict(list)
     for r in records:
         if not r["figure"]:
@@ -113,18 +116,17 @@ def table(records: list[dict]) -> list[dict]:
         if len({math.isnan(r[TEST_RMSE_BEFORE_REFIT]) for r in rs}) > 1:
             log.warning("%s at %s: some folds were run with refit=true and some without; its test RMSE mixes "
                         "the two", row, protocol)
-        for m, name in [(TEST_RMSE, "rmse"), (TEST_RMSE_BEFORE_REFIT, "rmse_before_refit"),
-                        (FIT_SECONDS, "time_s"), (EPOCHS, "epochs"),
-                        ("test/recall_at_10", "recall_at_10"), ("test/ndcg_at_10", "ndcg_at_10")]:
+        for m, name in columns:
             line[name], line[f"{name}_ci"] = mean_ci([r[m] for r in rs])
         out.append(line)
     return out
 
 
-def markdown(rows: list[dict], study: str, footer: str) -> str:
-    def pm(mean, ci, digits):
-        return f"{mean:.{digits}f}" + ("" if math.isnan(ci) else f" ± {ci:.{digits}f}")
+def pm(mean: float, ci: float, digits: int) -> str:
+    return f"{mean:.{digits}f}" + ("" if math.isnan(ci) else f" ± {ci:.{digits}f}")
 
+
+def markdown(rows: list[dict], study: str, footer: str) -> str:
     refit = any(not math.isnan(r["rmse_before_refit"]) for r in rows)  # a column only where some row has it
 
     def before_refit(r):  # blank for a row run without refit
@@ -155,39 +157,17 @@ def markdown(rows: list[dict], study: str, footer: str) -> str:
     return "\n".join(lines)
 
 
-def ranking_table(records: list[dict]) -> list[dict]:
-    """task=ranking: per protocol and row, vae_cf's metrics' means and CIs over the folds (the held-out users'
-    draws)."""
-    groups = defaultdict(list)
-    for r in records:
-        if not r["figure"]:
-            groups[(r["protocol"], r["row"])].append(r)
-    order = list(LABELS)
-    out = []
-    for (protocol, row), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1])
-                                                                       if kv[0][1] in order else len(order))):
-        line = {"protocol": protocol, "row": row, "model": LABELS.get(row, row), "folds": len(rs)}
-        for metric, _ in [*RANKING_COLUMNS, (FIT_SECONDS, ""), (EPOCHS, "")]:
-            name = metric.split("/")[-1]
-            line[name], line[f"{name}_ci"] = mean_ci([r[metric] for r in rs])
-        out.append(line)
-    return out
-
-
 def ranking_markdown(rows: list[dict], study: str, footer: str) -> str:
-    def pm(mean, ci, digits):
-        return f"{mean:.{digits}f}" + ("" if math.isnan(ci) else f" ± {ci:.{digits}f}")
-
-    header = ["model", "row", "folds", *(label for _, label in RANKING_COLUMNS), "training time (s)", "epochs"]
+    header = ["model", "row", "folds", "NDCG@100", "Recall@20", "Recall@50", "training time (s)", "epochs"]
     lines = [f"# Study `{study}`: top-N from clicks, vae_cf's protocol, mean ± 95% CI over draws of the held-out "
              "users (t distribution)", ""]
     for protocol in dict.fromkeys(r["protocol"] for r in rows):
         lines += [f"## {protocol}", "", "| " + " | ".join(header) + " |",
                   "| --- | --- |" + " ---: |" * (len(header) - 2)]
         for r in (r for r in rows if r["protocol"] == protocol):
-            cells = [pm(r[m.split("/")[-1]], r[m.split("/")[-1] + "_ci"], 4) for m, _ in RANKING_COLUMNS]
+            cells = [pm(r[name], r[f"{name}_ci"], 4) for name in ("ndcg_at_100", "recall_at_20", "recall_at_50")]
             lines.append(f"| {r['model']} | `{r['row']}` | {r['folds']} | {' | '.join(cells)} | "
-                         f"{pm(r['fit_s'], r['fit_s_ci'], 1)} | {r['epochs']:.0f} |")
+                         f"{pm(r['time_s'], r['time_s_ci'], 1)} | {r['epochs']:.0f} |")
         lines.append("")
     lines += ["Ratings above 3.5 are clicks; users with fewer than 5 are dropped; held-out users' clicks are split "
               "80/20 into input and scored (data.split=users, cfae/data/splits.py); NDCG@100 and Recall@k rank every "
@@ -379,7 +359,7 @@ def report(study: str = "study", out: str | Path = "reports", uri: str | None = 
     out.mkdir(parents=True, exist_ok=True)
     footer = provenance(records, command)
     if all(math.isnan(r[TEST_RMSE]) for r in records):  # task=ranking
-        rows = ranking_table(records)
+        rows = table(records, RANKING_COLUMNS)
         figure = out / "ranking_latent_size.png"
         drawn = {figure.name: knob_figure(records, "ranking_latent_size", "latent size (the code)",
                                           "Mult-VAE: NDCG@100 against the latent size", figure, command,
