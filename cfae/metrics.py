@@ -22,6 +22,14 @@ TEST_RMSE_BEFORE_REFIT = "test/rmse_before_refit"  # with refit=true: the valida
 REFIT_EPOCHS = "refit/epochs"  # with refit=true: the epochs trained anew on training + validation
 
 
+def headline(metrics: dict) -> str:
+    """A run's test result in words, as its end line and its MLflow note say it: "test RMSE 0.8428" or
+    "test NDCG@100 0.4292"."""
+    if TEST_RMSE in metrics:
+        return f"test RMSE {metrics[TEST_RMSE]:.4f}"
+    return f"test NDCG@100 {metrics['test/ndcg_at_100']:.4f}"
+
+
 class MaskedRMSE(Metric):
     """RMSE over the observed ratings only, pooled over every batch (and every process under DDP).
 

@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cfae.checks import check_config, reported_in_one_line
 from cfae.configs import CONF, compose
 from cfae.console import quiet_benchmark, quiet_libraries
-from cfae.metrics import FIT_SECONDS, TEST_RMSE
+from cfae.metrics import FIT_SECONDS, headline
 from cfae.processes import keep_freed_memory, usable_cores
 from cfae.tracking import config_digest, finished_study_runs, mlflow_client
 from cfae.train import train
@@ -231,7 +231,7 @@ def run_in_parallel(todo: list[tuple[Run, DictConfig]], jobs: int) -> list[str]:
             log.error("%s failed: %s", key, outcome)
             failed.append(key)
         else:
-            log.info("%s done in %.0f s: test RMSE %.4f", key, outcome[FIT_SECONDS], outcome[TEST_RMSE])
+            log.info("%s done in %.0f s: %s", key, outcome[FIT_SECONDS], headline(outcome))
 
     with stopped_together(workers, stopping):
         for slot in range(jobs):

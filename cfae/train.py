@@ -39,6 +39,7 @@ from cfae.metrics import (
     TEST_RMSE_BEFORE_REFIT,
     VAL_RMSE,
     VAL_RMSE_BEST,
+    headline,
 )
 from cfae.models import RankingModel
 from cfae.processes import machine
@@ -438,9 +439,7 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
                            step=metrics[EPOCHS])
         if not pruned:
             note = logger.experiment.get_run(logger.run_id).data.tags.get(MLFLOW_RUN_NOTE, "")
-            headline = next(iter(test))  # test/rmse, or test/ndcg_at_100
-            said = {TEST_RMSE: "test RMSE", "test/ndcg_at_100": "test NDCG@100"}.get(headline, headline)
-            logger.experiment.set_tag(logger.run_id, MLFLOW_RUN_NOTE, f"{note}: {said} {metrics[headline]:.4f}")
+            logger.experiment.set_tag(logger.run_id, MLFLOW_RUN_NOTE, f"{note}: {headline(metrics)}")
         if trial is not None:
             logger.experiment.set_tag(logger.run_id, "optuna.state", "PRUNED" if pruned else "COMPLETE")
         if not pruned:  # the model you can load and serve: weights, arguments, input ratings, ids, titles
