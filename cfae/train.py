@@ -305,9 +305,6 @@ def fit(cfg: DictConfig, ratings=None) -> Trained:
         if model.closed_form and cfg.get("resume"):
             raise ConfigError(f"resume={cfg.resume}: {type(model).__name__} is solved in closed form; "
                               f"there is no training to resume")
-        if model.closed_form and cfg.get("refit"):
-            raise ConfigError(f"refit=true: {type(model).__name__} is solved in closed form; validation "
-                              f"chooses no epochs for it to train again")
         if cfg.get("refit") and cfg.get("resume") and not LearningRates.recorded_in(cfg.resume):
             raise ConfigError(f"refit=true: {cfg.resume} holds no record of its epochs' learning rates, which "
                               f"the refit replays; resume it without refit=true, or train it again")
@@ -354,18 +351,25 @@ def refit(cfg: DictConfig, datamodule, best: str,
           rates: LearningRates) -> tuple[L.LightningModule, str, int, float]:
     """(model, its checkpoint, epochs, seconds): the model trained anew from the run's seed on the training and
     validation parts together, for as many epochs as it took to reach its best validation epoch, with the
-    learning rates the run had in those epochs; nothing is chosen during it. Its weights:
-    <output_dir>/checkpoints/refit.ckpt."""
-    epochs = read_checkpoint(best)["epoch"] + 1
+    learning rates the run had in those epochs; nothing is chosen during it. A model solved in closed form is
+    solved again, with the same settings, on both parts (0 epochs). Its weights: <output_dir>/checkpoints/refit.ckpt."""
     merged = datamodule.with_validation_in_training()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg, merged, scheduled=False)
-    kept = configured_callbacks(cfg, validated=False)  # early stopping has no validation to watch here
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[LearningRates(replay=rates.rates[:epochs]), *kept],
-                          max_epochs=epochs, limit_val_batches=0, enable_checkpointing=False)
-    log.info("refit: %d epochs on the training and validation parts together", epochs)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=merged)
+    if model.closed_form:
+        epochs = 0
+        log.info("refit: %s solved again on the training and validation parts together", type(model).__name__)
+        model.solve(merged.train_matrix)
+        trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+        trainer.validate(model, datamodule=merged, verbose=False)  # attaches the model, for save_checkpoint
+    else:
+        epochs = read_checkpoint(best)["epoch"] + 1
+        kept = configured_callbacks(cfg, validated=False)  # early stopping has no validation to watch here
+        trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, max_epochs=epochs,
+                              callbacks=[LearningRates(replay=rates.rates[:epochs]), *kept], limit_val_batches=0)
+        log.info("refit: %d epochs on the training and validation parts together", epochs)
+        trainer.fit(model, datamodule=merged)
     seconds = time.perf_counter() - start
     path = Path(cfg.output_dir) / "checkpoints" / "refit.ckpt"
     trainer.save_checkpoint(path, weights_only=True)

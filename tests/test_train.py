@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
@@ -339,11 +340,23 @@ def test_a_resumed_run_keeps_the_learning_rates_of_its_first_epochs_for_its_refi
                      f"output_dir={tmp_path / 'old'}"))
 
 
-def test_refit_is_refused_where_validation_chooses_no_epochs(data_root, tmp_path):
+def test_a_closed_form_refit_solves_the_model_again_on_training_and_validation(data_root, tmp_path):
+    import cfae
+    from cfae.models import ImputedSVD
+
+    trained = cfae.fit(config(data_root, tmp_path, "model=svd", "hidden=4", "refit=true"))
+    assert trained.metrics["refit/epochs"] == 0
+    assert trained.metrics["test/rmse"] != pytest.approx(trained.metrics["test/rmse_before_refit"], abs=1e-6)
+    again = ImputedSVD(n_inputs=trained.datamodule.n_cols, n_rows=trained.datamodule.n_rows, n_factors=4,
+                       orientation=trained.model.hparams.orientation)
+    again.solve(trained.datamodule.with_validation_in_training().train_matrix)
+    tested = trained.model.row_factors @ trained.model.col_factors.T
+    assert torch.allclose(tested, again.row_factors @ again.col_factors.T, atol=1e-4)
+
+
+def test_refit_switch_and_sweeps(data_root, tmp_path):
     import cfae
 
-    with pytest.raises(ConfigError, match="refit=true: ImputedSVD is solved in closed form"):
-        cfae.fit(config(data_root, tmp_path, "model=svd", "hidden=4", "refit=true"))
     with pytest.raises(ConfigError, match="refit=yes: must be true or false"):
         cfae.fit(config(data_root, tmp_path, "refit=yes"))
     with pytest.raises(ConfigError, match="refit=true in a sweep: trials are compared on validation"):

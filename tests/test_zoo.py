@@ -137,6 +137,7 @@ MODELS = {  # model: overrides that fit the tiny synthetic set in a few seconds
     "mf": ["hidden=8", "optimizer.lr=0.02", "model.regularization=0.02"],
     "bias": ["optimizer.lr=0.05"],
     "svd": ["hidden=3"],
+    "bayesian_fm": ["hidden=4", "model.iterations=60"],
     "kernel_autorec": ["hidden=32", "depth=1", "model.lambda_2=1", "model.lambda_s=0.01", "optimizer.max_iter=10",
                        "data.batch_size=100000", "trainer.max_epochs=10"],  # full batch, as its config has it
     "glocal_k": ["hidden=32", "depth=1", "model.lambda_2=1", "model.lambda_s=0.01", "optimizer.max_iter=10",
