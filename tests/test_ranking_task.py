@@ -76,6 +76,14 @@ def test_ease_is_stecks_closed_form_and_popularity_counts_clicks():
     assert pop.clicks.tolist() == np.asarray(x.sum(axis=0)).ravel().tolist()
 
 
+def test_mult_vae_anneals_beta_as_vae_cf_does():
+    from cfae.models import MultVAE
+
+    model = MultVAE(n_inputs=12, layer_sizes=[8, 4], beta_max=0.2, anneal_steps=1000)
+    # vae_cf: anneal = min(anneal_cap, update_count / total_anneal_steps): the cap is reached at 200 of 1000 updates
+    assert [model.kl_weight(s) for s in (0, 100, 200, 1000, 5000)] == pytest.approx([0, 0.1, 0.2, 0.2, 0.2])
+
+
 @pytest.mark.parametrize("model", ["multvae", "multdae", "recvae", "ease", "pop"])
 def test_each_ranking_model_trains_and_reports_vae_cfs_three_test_metrics(model, data_root, tmp_path):
     cfg = cfae.compose(*RANKING, f"model={model}", f"data.root={data_root}", "data.download=false",

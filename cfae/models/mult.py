@@ -4,12 +4,13 @@ Filtering", WWW 2018; dawenl/vae_cf) for top-N recommendation from clicks:
     x_u -> L2-normalised, dropout -> encoder (tanh) -> code -> decoder (tanh) -> logits over all items
     loss = -sum_i x_ui log softmax(logits)_i (the multinomial likelihood), averaged over users,
            + l2 * sum of the squared weights (vae_cf's lam)                                   (Mult-DAE)
-           + beta * KL(q(z | x_u) || N(0, I)), beta annealed linearly to beta_max over anneal_steps  (Mult-VAE)
+           + beta * KL(q(z | x_u) || N(0, I)), beta = min(beta_max, updates / anneal_steps)     (Mult-VAE)
 
-The paper's settings: Mult-VAE 600-200-600 (q: I -> 600 -> 2 x 200, p: 200 -> 600 -> I), l2 0, beta annealed to
-0.2 over 200,000 updates; Mult-DAE I -> 200 -> I, l2 0.01 / batch size; both tanh, dropout 0.5 on the input,
-Adam 1e-3, batches of 500 users (conf/model/multvae.yaml, multdae.yaml). Weights Xavier-uniform, biases
-N(0, 0.001) truncated, as vae_cf. Scoring decodes the mean code, without dropout or sampling.
+The paper's settings: Mult-VAE 600-200-600 (q: I -> 600 -> 2 x 200, p: 200 -> 600 -> I), l2 0, beta rising by
+1/200,000 an update up to 0.2 (vae_cf's `min(anneal_cap, update_count / total_anneal_steps)`); Mult-DAE I -> 200 ->
+I, l2 0.01 / batch size; both tanh, dropout 0.5 on the input, Adam 1e-3, batches of 500 users
+(conf/model/multvae.yaml, multdae.yaml). Weights Xavier-uniform, biases N(0, 0.001) truncated, as vae_cf. Scoring
+decodes the mean code, without dropout or sampling.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class MultVAE(MultDAE):
         dropout: float = 0.5,
         l2: float = 0.0,
         beta_max: float = 0.2,  # the cap on the KL weight (Liang et al. sec. 2.2.2)
-        anneal_steps: int = 200_000,  # updates over which beta rises linearly from 0 to beta_max
+        anneal_steps: int = 200_000,  # beta rises by 1 / anneal_steps an update, up to beta_max (vae_cf's)
         **base,
     ):
         super().__init__(n_inputs=n_inputs, layer_sizes=layer_sizes, dropout=dropout, l2=l2, **base)
@@ -99,13 +100,13 @@ class MultVAE(MultDAE):
     def forward(self, x: SparseRows) -> Tensor:
         return self.decode(self.encode(x)[0])  # the mean code
 
-    def kl_weight(self) -> float:
-        return self.beta_max * min(1.0, self.global_step / max(1, self.anneal_steps))
+    def kl_weight(self, step: int) -> float:
+        return min(self.beta_max, step / max(1, self.anneal_steps))
 
     def training_loss(self, batch: SparseRows) -> Tensor:
         mu, logvar = self.encode(batch)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         kl = (0.5 * (-logvar + logvar.exp() + mu.square() - 1)).sum(-1).mean()
-        beta = self.kl_weight()
+        beta = self.kl_weight(self.global_step)
         self.log("train/beta", beta, on_step=False, on_epoch=True, batch_size=batch.n_rows)
         return multinomial_nll(self.decode(z), batch) + beta * kl + self.l2 * self.weight_penalty()
