@@ -67,15 +67,19 @@ def test_sample_counts_outside_the_chain_are_refused(knobs, message):
         BayesianFM(n_inputs=4, n_rows=3, **{"iterations": 20, "burn_in": 5, **knobs})
 
 
-def test_a_refitted_run_is_saved_loaded_and_recommends_and_refuses_users_it_has_not_seen(data_root, tmp_path):
+def test_a_refitted_run_is_saved_loaded_and_recommends_and_refuses_users_it_has_not_seen(data_root, tmp_path, caplog):
+    import logging
+
     import cfae
     from cfae.checks import UsageError
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    caplog.set_level(logging.INFO, logger="cfae.train")
     trained = cfae.fit(cfae.compose(
         "model=bayesian_fm", "hidden=4", "model.iterations=30", "model.samples=8", "refit=true",
         f"data.root={data_root}", "data.download=false", "ranking=null", f"logger.uri={uri}",
         f"output_dir={tmp_path / 'out'}"))
+    assert "solved in closed form (" in caplog.text  # its end line: no epochs to speak of, its fit time
     assert trained.metrics["refit/epochs"] == 0  # solved again on training + validation: another chain
     assert trained.metrics["test/rmse"] != pytest.approx(trained.metrics["test/rmse_before_refit"], abs=1e-6)
     rec = cfae.load(trained.run_id, tracking_uri=uri)
