@@ -23,6 +23,8 @@ def test_implicit_features_are_the_one_hot_beside_who_rated_what_over_the_square
     np.testing.assert_allclose(cols.toarray(), [[1, 0, 0, 1, 0], [0, 1, 0, 0, 0], [0, 0, 1, 2**-0.5, 2**-0.5]])
     rows, cols = features(m, implicit=False)
     assert (rows != sp.identity(2)).nnz == 0 and (cols != sp.identity(3)).nnz == 0
+    zero = sp.csr_matrix((np.array([0.0, 3.0]), np.array([0, 2]), np.array([0, 1, 2])), shape=(2, 3))  # a stored 0
+    np.testing.assert_allclose(features(zero, implicit=True)[0].toarray(), [[1, 0, 1, 0, 0], [0, 1, 0, 0, 1]])
 
 
 @pytest.mark.parametrize("implicit", [True, False])

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 def features(ratings: sp.csr_matrix, implicit: bool) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """(rows' features, columns' features): each entity's one-hot, beside (`implicit`) the entities of the other
     axis it has a rating with, each 1 / sqrt(their number). (n_rows, n_rows [+ n_cols]), (n_cols, n_cols [+ n_rows])."""
-    rated = (ratings != 0).astype(np.float64).tocsr()
+    ratings = ratings.tocsr()  # every stored rating counts, a 0 on a 0..5 scale too
+    rated = sp.csr_matrix((np.ones(ratings.nnz), ratings.indices, ratings.indptr), shape=ratings.shape)
 
     def block(who: sp.csr_matrix) -> sp.csr_matrix:
         one_hot = sp.identity(who.shape[0], format="csr")
