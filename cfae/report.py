@@ -57,6 +57,8 @@ LABELS = {  # the study's names for its rows (sec. 5), each beside its design as
     "autorec_tuned": "AutoRec, tuned on validation",
     "kernel_autorec": "Kernelised AutoRec (Sparse FC)",
     "glocal_k": "GLocal-K",
+    "bayesian_fm": "Bayesian FM, implicit features (Rendle et al.)",
+    "bayesian_mf": "Bayesian biased MF",
     "kernel_autorec_u1": "Kernelised AutoRec (Sparse FC), ML-100K setting",
     "glocal_k_u1": "GLocal-K, ML-100K setting",
     "deep_500_700": "Deep AE 500,700 (no batch norm)",
