@@ -464,7 +464,7 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
             log.warning("trial %d was already closed in the study (%s); its result stays in this run",
                         trial.number, err)
     summary = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("test/") and "users" not in k)
-    how = ("solved in closed form" if getattr(model, "closed_form", False)
+    how = ("solved in closed form" if model.closed_form
            else f"{'pruned' if pruned else 'done'} after {metrics[EPOCHS]:.0f} epochs")
     log.info("%s (%.1f s): %s=%.4f  %s", how, metrics[FIT_SECONDS], task.objective, metrics[task.objective], summary)
     log.info("checkpoints: %s", output_dir / "checkpoints")

@@ -63,6 +63,18 @@ def masked_mse(out: Tensor, target: SparseRows) -> Tensor:
     return F.mse_loss(pred, target.val)
 
 
+def optimizers(model: L.LightningModule, params, monitor: str):
+    """Lightning's `configure_optimizers` answer for `model`: its optimizer over `params` and, where it has
+    one, its scheduler stepped each epoch on the validation metric `monitor`."""
+    if model.optimizer_factory is None:
+        raise ValueError(f"{type(model).__name__} was built without an optimizer (optimizer=<a partial>)")
+    optimizer = model.optimizer_factory(params=params)
+    if model.scheduler_factory is None:
+        return optimizer
+    scheduler = {"scheduler": model.scheduler_factory(optimizer), "monitor": monitor, "interval": "epoch"}
+    return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
 class RatingModel(L.LightningModule):
     """Base of every model: input a batch of sparse rows, output dense rows of predicted ratings."""
 
@@ -205,10 +217,4 @@ class RatingModel(L.LightningModule):
         return [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self):
-        if self.optimizer_factory is None:
-            raise ValueError(f"{type(self).__name__} was built without an optimizer (optimizer=<a partial>)")
-        optimizer = self.optimizer_factory(params=self.parameter_groups())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = {"scheduler": self.scheduler_factory(optimizer), "monitor": VAL_RMSE, "interval": "epoch"}
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return optimizers(self, self.parameter_groups(), VAL_RMSE)

@@ -19,6 +19,7 @@ from torchmetrics import MaxMetric
 
 from cfae.checks import Diverged
 from cfae.metrics import TEST_RANKING, TRAIN_LOSS, VAL_NDCG, VAL_NDCG_BEST, TopK
+from cfae.models.base import optimizers
 from cfae.sparse import EvalBatch, SparseRows
 
 
@@ -99,10 +100,4 @@ class RankingModel(L.LightningModule):
             self.log(name, metric, on_epoch=True, batch_size=batch.targets.n_rows)
 
     def configure_optimizers(self):
-        if self.optimizer_factory is None:
-            raise ValueError(f"{type(self).__name__} was built without an optimizer (optimizer=<a partial>)")
-        optimizer = self.optimizer_factory(params=self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = {"scheduler": self.scheduler_factory(optimizer), "monitor": VAL_NDCG, "interval": "epoch"}
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return optimizers(self, self.parameters(), VAL_NDCG)
