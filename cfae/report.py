@@ -341,6 +341,13 @@ def figures(client, records: list[dict], out: Path, command: str) -> dict[str, b
     }
 
 
+def ranking_figures(records: list[dict], out: Path, command: str) -> dict[str, bool]:
+    """The ranking plan's figure (conf/study_ranking.yaml): Mult-VAE's test NDCG@100 against its latent size."""
+    return {"ranking_latent_size.png": knob_figure(
+        records, "ranking_latent_size", "latent size (the code)", "Mult-VAE: NDCG@100 against the latent size",
+        out / "ranking_latent_size.png", command, "test/ndcg_at_100", "test NDCG@100")}
+
+
 def figure_note(drawn: dict[str, bool]) -> str:
     """What the report says of the figures it could not draw: nothing for a study with none of their runs (a
     plan without figures, such as the kernel models'), their names when only some are there."""
@@ -362,10 +369,7 @@ def report(study: str = "study", out: str | Path = "reports", uri: str | None = 
     footer = provenance(records, command)
     if all(math.isnan(r[TEST_RMSE]) for r in records):  # task=ranking
         rows = table(records, RANKING_COLUMNS)
-        figure = out / "ranking_latent_size.png"
-        drawn = {figure.name: knob_figure(records, "ranking_latent_size", "latent size (the code)",
-                                          "Mult-VAE: NDCG@100 against the latent size", figure, command,
-                                          "test/ndcg_at_100", "test NDCG@100")}
+        drawn = ranking_figures(records, out, command)
         text = ranking_markdown(rows, study, footer)
     else:
         rows = table(records)
