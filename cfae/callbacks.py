@@ -1,5 +1,5 @@
 """The Lightning callbacks of a training run: epoch timing, the learning rates a refit replays, divergence,
-the resumable checkpoint and, in a sweep, the trial's reports to Optuna."""
+the resumable checkpoint; and `StopRun`, by which a callback ends a run whose result is no longer wanted."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import optuna
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -21,6 +20,12 @@ from cfae.processes import device_clock
 
 log = logging.getLogger(__name__)
 
+
+
+class StopRun(Exception):
+    """Raised by a callback to end a run whose result is no longer wanted (a sweep's pruner, through its trial's
+    callback): the run is closed KILLED, untested and unsaved, with this as its `error` tag, and the exception
+    goes on to the caller."""
 
 
 class EpochTimer(Callback):
@@ -183,19 +188,3 @@ class LastCheckpoint(Checkpoint):
         # epoch left to save it: save here, at the same epoch boundary.
         if self.interrupt and self.saved_at is None:
             self.save(trainer)
-
-
-class TrialReporting(Callback):
-    """Reports the task's validation metric (`val/rmse`) after each validation to the job's Optuna trial and stops
-    training once the study's pruner says the trial is clearly worse than the others at the same epoch."""
-
-    def __init__(self, trial: optuna.Trial, monitor: str = VAL_RMSE):
-        self.trial, self.monitor, self.pruned = trial, monitor, False
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
-            return
-        self.trial.report(float(trainer.callback_metrics[self.monitor]), step=trainer.current_epoch)
-        if self.trial.should_prune():
-            log.info("trial %d pruned at epoch %d", self.trial.number, trainer.current_epoch)
-            self.pruned, trainer.should_stop = True, True

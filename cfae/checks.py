@@ -112,7 +112,7 @@ def check_config(cfg: DictConfig, sweeping: bool = False) -> None:
         if value is not None and not test(value):  # None: absent, or null for the model's default
             raise ConfigError(f"{key}={_show(value)}: must be {allowed}" + (f" ({why})" if why else ""))
     _check_knobs(cfg)
-    if cfg.get("refit") and (sweeping or OmegaConf.select(cfg, "sweep.trial") is not None):
+    if cfg.get("refit") and sweeping:
         raise ConfigError("refit=true in a sweep: trials are compared on validation, which refitting does not "
                           "change; refit the chosen configuration with train.py")
     fold, n_folds = OmegaConf.select(cfg, "data.fold"), OmegaConf.select(cfg, "data.n_folds")

@@ -28,13 +28,17 @@ def _train(cfg: DictConfig) -> float:
 
 
 @hydra.main(config_path=str(CONF), config_name="sweep", version_base="1.3")
-def _sweep(cfg: DictConfig) -> float:
+def _sweep(cfg: DictConfig) -> float | None:
+    from cfae.callbacks import StopRun
     from cfae.train import train
 
     quiet_libraries()
     if cfg.keep_freed_memory:
         keep_freed_memory()
-    return train(cfg)[cfg.task.objective]  # what the sweeper optimises; a trial's error goes to it, which says it
+    try:
+        return train(cfg)[cfg.task.objective]  # what the sweeper optimises; a trial's error goes to it, which says it
+    except StopRun:  # pruned: no value
+        return None
 
 
 def train() -> None:

@@ -1,5 +1,5 @@
 """Optuna studies as cfae keeps them: a database storage with heartbeats, trials that know their process,
-and the recovery of trials whose process died. Used by the sweeper and, for its own trial, by each job.
+and the recovery of trials whose process died. Used by the sweeper and, through `TrialReporting`, by each job.
 
 A trial is RUNNING while a process trains it. That process records a heartbeat every `HEARTBEAT_S`
 seconds and its identity (`cfae.process` user attribute). A sweep that starts (or asks for more trials)
@@ -19,10 +19,13 @@ from collections.abc import Iterator
 
 import optuna
 import sqlalchemy.exc
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
+from cfae.callbacks import StopRun
 from cfae.processes import has_died, this_process
 from cfae.stores import check_writable, store_lock
 
@@ -31,6 +34,7 @@ GRACE_S = 90
 PROCESS = "cfae.process"  # user attribute: the process training the trial
 ERROR = "error"  # user attribute of a trial that failed by its own error (not by its process dying)
 REFUSED = "refused"  # user attribute of a trial whose settings were refused before it ran: not a result
+PRUNER = "cfae.pruner"  # study user attribute: the config of the pruner its trials' jobs prune by
 MAX_RETRY = 2
 TRIES = 5  # to open a new database on a server
 
@@ -66,17 +70,80 @@ def ask(study: optuna.Study, distributions: dict) -> optuna.Trial:
     return trial
 
 
-def job_trial(study_name: str, url: str, number: int,
-              pruner: optuna.pruners.BasePruner) -> tuple[optuna.Trial, contextlib.AbstractContextManager]:
-    """The running trial `number` of the study as the job training it sees it (to report, to prune and to
-    tell its result), and a context that beats its heartbeat while the job trains."""
-    storage = database(url)
-    study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
-    # Public BaseStorage methods: Optuna's Study has no way from a trial's number to the trial.
-    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
-    trial = optuna.Trial(study, trial_id)
-    trial.set_user_attr(PROCESS, this_process())
-    return trial, heartbeat(storage, trial_id)
+class TrialReporting(Callback):
+    """What ties a training run to its sweep's trial; the sweeper adds it to each job's callbacks
+    (`callbacks.optuna_trial`), so that training itself knows nothing of sweeps. It names the run's MLflow run
+    after the trial and nests it under the sweep's run, holds the trial (its process, its heartbeat) while the
+    run trains and tests, reports the task's validation metric after each validation and, once the study's
+    pruner (`PRUNER`, recorded by the sweeper) says so, ends the run with `StopRun`. The sweeper alone tells the
+    study each trial's result."""
+
+    def __init__(self, study: str, storage: str, number: int, monitor: str, parent_run_id: str | None = None):
+        self.study_name, self.storage_url, self.number, self.monitor = study, storage, number, monitor
+        self.parent_run_id = parent_run_id
+        self.trial: optuna.Trial | None = None
+        self.storage: RDBStorage | None = None
+        self.trial_id: int | None = None
+        self.held: contextlib.ExitStack | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.trial is None:
+            storage = database(self.storage_url)
+            pruner = optuna.load_study(study_name=self.study_name, storage=storage).user_attrs.get(PRUNER)
+            study = optuna.load_study(study_name=self.study_name, storage=storage,
+                                      pruner=instantiate(pruner) if pruner else optuna.pruners.NopPruner())
+            # Public BaseStorage methods: Optuna's Study has no way from a trial's number to the trial.
+            trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(self.study_name),
+                                                                       self.number)
+            self.storage, self.trial_id, self.trial = storage, trial_id, optuna.Trial(study, trial_id)
+            self.name_run(trainer.logger)
+        self.hold()
+
+    def name_run(self, logger) -> None:
+        """The MLflow run, if there is one: named `trial<n>-<name>`, tagged with its study and trial, and nested
+        under the sweep's run."""
+        if not getattr(logger, "run_id", None):
+            return
+        client, run_id = logger.experiment, logger.run_id
+        tags = {"optuna.study": self.study_name, "optuna.trial": str(self.number)}
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        client.update_run(run_id, name=f"trial{self.number}-{client.get_run(run_id).info.run_name}")
+
+    def hold(self) -> None:
+        """The trial is this process's while it trains (a sweep on this machine fails it at once if the process
+        dies) and beats its heartbeat (a sweep elsewhere fails it after `GRACE_S` without one)."""
+        if self.held is not None:
+            return
+        before = self.storage.get_trial(self.trial_id).user_attrs.get(PROCESS)  # the sweeper's
+        self.held = contextlib.ExitStack()
+        self.trial.set_user_attr(PROCESS, this_process())
+        if before:
+            self.held.callback(self.trial.set_user_attr, PROCESS, before)
+        self.held.enter_context(heartbeat(self.storage, self.trial_id))
+
+    def release(self) -> None:
+        if self.held is not None:
+            held, self.held = self.held, None
+            with contextlib.suppress(Exception):  # a store that is down now: the sweeper tells the result anyway
+                held.close()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.release()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.release()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        self.trial.report(float(trainer.callback_metrics[self.monitor]), step=trainer.current_epoch)
+        if self.trial.should_prune():
+            if getattr(trainer.logger, "run_id", None):
+                trainer.logger.experiment.set_tag(trainer.logger.run_id, "optuna.state", "PRUNED")
+            raise StopRun(f"trial {self.number} pruned at epoch {trainer.current_epoch}")
 
 
 @contextlib.contextmanager

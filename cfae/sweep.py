@@ -13,9 +13,10 @@ max_failure_rate, params) and runs the study on Optuna's public API:
 - the sampler is made anew for each trial, seeded from (`seed`, trial number): reproducible, and a resumed
   or shared study draws new points instead of replaying the same sequence;
 - trials whose process died are failed and tried again (cfae/studies.py);
-- each job learns its trial, study, storage and MLflow parent through `sweep.*` overrides, reports every
-  epoch for pruning, and tells the study its own result; with a local launcher each job of a parallel batch
-  gets its own GPU, or its share of the CPU cores;
+- each job gets one callback, `TrialReporting` (cfae/studies.py; training knows nothing else of sweeps):
+  it nests the job's MLflow run under the sweep's, holds the trial while it trains and reports every epoch
+  to the study's pruner; the sweeper alone tells the study each result. With a local launcher each job of a
+  parallel batch gets its own GPU, or its share of the CPU cores;
 - one MLflow parent run per sweep with the best value and params, a trials table and Optuna's plots.
 """
 
@@ -172,11 +173,18 @@ def local_parallelism(launcher: DictConfig) -> int | None:
     return None
 
 
+def trial_callback(study: str, storage: str, number: int, parent_run_id: str | None) -> list[str]:
+    """The override that gives a trial's job its `TrialReporting` callback (cfae/studies.py): all a training run
+    is told of its sweep."""
+    return [f"++callbacks.optuna_trial={{_target_:cfae.studies.TrialReporting,study:'{study}',storage:'{storage}',"
+            f"number:{number},monitor:${{task.monitor}},parent_run_id:{parent_run_id or 'null'}}}"]
+
+
 # -- the sweeper -----------------------------------------------------------------------------------------------
 class OptunaSweep(Sweeper):
     def __init__(self, sampler: BaseSampler, direction: Any, storage: str | None, study_name: str, n_trials: int,
                  n_jobs: int, max_failure_rate: float, search_space: Any, custom_search_space: str | None,
-                 params: DictConfig | None):
+                 params: DictConfig | None, pruner: Any = None):
         if search_space or custom_search_space:
             raise ConfigError("hydra.sweeper.search_space and custom_search_space are not supported: "
                               "give the space in hydra.sweeper.params (conf/search_space/) or on the command line")
@@ -188,6 +196,8 @@ class OptunaSweep(Sweeper):
         self.config, self.hydra_context = config, hydra_context
         # The sampler's config, not the instance Hydra made of it: one is made for each trial (PerTrialSeeds).
         self.sampler_config = config.hydra.sweeper.sampler
+        pruner = config.hydra.sweeper.get("pruner")  # its config, for the study to hand to the jobs
+        self.pruner_config = OmegaConf.to_container(pruner, resolve=True) if pruner else None
         self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
                                                                 task_function=task_function)
         self.tracking_uri = config.logger.uri if config.get("logger") else None
@@ -277,6 +287,7 @@ class OptunaSweep(Sweeper):
             study = optuna.create_study(study_name=self.study_name, storage=storage, load_if_exists=True,
                                         direction=self.direction, sampler=PerTrialSeeds(make, seed))
             dead = studies.fail_dead_trials(study)
+            study.set_user_attr(studies.PRUNER, self.pruner_config)  # what each job's TrialReporting prunes by
         check_same_space(study, distributions)
         if dead:
             log.info("trials %s had lost their process: failed, their points to be tried again", dead)
@@ -310,23 +321,20 @@ class OptunaSweep(Sweeper):
 
     def run_batch(self, study, trials: list[optuna.Trial], fixed: list[str], parent: str | None) -> None:
         placement = self.placement(len(trials))
-        overrides = [
-            (*fixed, *(f"{name}={value}" for name, value in trial.params.items()), f"sweep.trial={trial.number}",
-             f"sweep.study='{self.study_name}'", f"sweep.storage='{self.storage_url}'",
-             f"sweep.parent_run_id={parent or 'null'}", *where)
-            for trial, where in zip(trials, placement)
-        ]
+        overrides = [(*fixed, *(f"{name}={value}" for name, value in trial.params.items()),
+                      *trial_callback(self.study_name, self.storage_url, trial.number, parent), *where)
+                     for trial, where in zip(trials, placement)]
         try:
             returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-        except BaseException:  # interrupted: trials whose job ran here (or died) are failed, to be tried again;
-            studies.fail_dead_trials(study, stopping=this_process())  # a job on a cluster tells its own result
+        except BaseException:  # interrupted: trials whose job ran here (or died) are failed, to be tried again
+            studies.fail_dead_trials(study, stopping=this_process())  # (one on a cluster: once its job ends)
             raise
         self.job_idx += len(returns)
         running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         refusals = []
         for trial, ret in zip(trials, returns):
             try:
-                value = float(ret.return_value)  # raises the job's own exception, if it had one
+                value = ret.return_value  # raises the job's own exception, if it had one
             except Exception as err:
                 refused = refused_up_front(err)  # a bad value: the same command would fail every trial
                 if trial.number in running:  # else another sweep found its process dead and failed it already
@@ -339,8 +347,10 @@ class OptunaSweep(Sweeper):
                 self.n_failed += 1
                 log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, str(err).splitlines()[0])
             else:
-                if trial.number in running:  # a job tells its own result; this one ran elsewhere and could not
-                    study.tell(trial, value)
+                if trial.number in running and value is None:  # stopped by the pruner (cfae.cli's task function)
+                    study.tell(trial, state=TrialState.PRUNED)
+                elif trial.number in running:  # else another sweep found its process dead and failed it already
+                    study.tell(trial, float(value))
             self.n_told += 1
         if refusals:  # stop here; the refused points stay to run once the command is corrected
             raise refusals[0]

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import lightning as L
-import optuna
 import torch
 from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
@@ -27,7 +26,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NOTE
 from omegaconf import DictConfig, OmegaConf
 
 from cfae import serving
-from cfae.callbacks import LastCheckpoint, LearningRates, TrialReporting
+from cfae.callbacks import LastCheckpoint, LearningRates, StopRun
 from cfae.checks import ConfigError, UsageError, check_against_data, check_config, read_checkpoint
 from cfae.configs import data_name, knob_values, register_resolvers, split_name, with_model_defaults
 from cfae.console import quiet
@@ -38,7 +37,6 @@ from cfae.metrics import (
     TEST_RMSE,
     TEST_RMSE_BEFORE_REFIT,
     VAL_RMSE,
-    VAL_RMSE_BEST,
     headline,
 )
 from cfae.models import RankingModel
@@ -46,7 +44,6 @@ from cfae.processes import machine
 from cfae.ranking import evaluate_ranking
 from cfae.recommender import ARTIFACT, Recommender
 from cfae.serving import MODEL
-from cfae.studies import job_trial
 from cfae.tracking import (
     config_digest,
     git_commit,
@@ -60,8 +57,6 @@ from cfae.tracking import (
 )
 
 log = logging.getLogger(__name__)
-
-OBJECTIVE = VAL_RMSE_BEST  # task=rating's objective; cfg.task.objective says each run's
 
 
 def choice(cfg: DictConfig, group: str) -> str | None:
@@ -182,23 +177,17 @@ def split_note(data: DictConfig) -> tuple[str, str]:
 
 
 def run_logger(cfg: DictConfig, digest: str):
-    """The MLflow logger of this run (False without one), its name and tags set: the config's digest, the
-    study's row and, in a sweep, the trial and its parent. It checks the store; its MLflow run starts on first
-    use (`describe_run`), once `fit` holds the logger, so a signal arriving then finds it there to close the
-    run KILLED."""
+    """The MLflow logger of this run (False without one), its name and tags set: the config's digest and the
+    study's row. It checks the store; its MLflow run starts on first use (`describe_run`), once `fit` holds
+    the logger, so a signal arriving then finds it there to close the run KILLED."""
     if not cfg.get("logger"):
         return False
-    sweep, name = cfg.get("sweep") or {}, model_name(cfg)
+    name = model_name(cfg)
     data = data_name(cfg.data.dataset, cfg.data.get("path"))
     run_name = f"{name}-{data}-{cfg.data.orientation}-{split_name(cfg.data.split, cfg.data.fold)}"
     tags = {**(cfg.logger.get("tags") or {}), "cfae.model": name, "cfae.config": digest, "cfae.machine": machine()}
     if choice(cfg, "experiment"):  # a row of the study (conf/experiment/)
         tags["cfae.row"] = choice(cfg, "experiment")
-    if sweep.get("trial") is not None:
-        run_name = f"trial{sweep.trial}-{run_name}"
-        tags.update({"optuna.study": sweep.study, "optuna.trial": str(sweep.trial)})
-        if sweep.get("parent_run_id"):
-            tags["mlflow.parentRunId"] = sweep.parent_run_id
     tags[MLFLOW_RUN_NOTE] = f"{name} on {data}, {cfg.data.orientation} rows, {split_note(cfg.data)[1]}"
     return instantiate(cfg.logger, run_name=cfg.logger.run_name or run_name, tags=tags)
 
@@ -219,7 +208,7 @@ def describe_run(logger, cfg: DictConfig, datamodule, knobs: dict) -> None:
 
 def run_params(cfg: DictConfig) -> dict:
     """The resolved config as MLflow params: the values a reader compares runs by, without the nulls (a knob
-    left null is in the model's own arguments), the group choices or the sweep's bookkeeping (in tags)."""
+    left null is in the model's own arguments) or the group choices."""
     def pruned(node):
         if not isinstance(node, dict):
             return node
@@ -227,8 +216,7 @@ def run_params(cfg: DictConfig) -> dict:
         return {k: v for k, v in kept.items() if v != {}}
 
     params = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("choices", "sweep"):
-        params.pop(key, None)
+    params.pop("choices", None)
     return pruned(params)
 
 
@@ -246,9 +234,12 @@ def interruption(err: BaseException, last: LastCheckpoint) -> signal.Signals | N
 
 
 def end_run(logger, err: BaseException, signum: signal.Signals | None) -> None:
-    """Close a run that did not finish: KILLED when interrupted, else FAILED, with an `error` tag saying what."""
+    """Close a run that did not finish: KILLED when interrupted or stopped by a callback (`StopRun`), else FAILED,
+    with an `error` tag saying what."""
     if signum is not None:
         status, error = "KILLED", f"interrupted ({signum.name})"
+    elif isinstance(err, StopRun):
+        status, error = "KILLED", str(err)
     else:
         status, error = "FAILED", f"{type(err).__name__}: {err}"[:5000]
     with contextlib.suppress(Exception):  # a store that is down cannot be told; the next sweep or study will
@@ -278,10 +269,8 @@ def fit(cfg: DictConfig, ratings=None) -> Trained:
     (`cfae.compose("data=table", "data.columns.user=customer", ...)`).
 
     Every value is checked before data loads, and every run ends FINISHED, FAILED (with an `error` tag) or
-    KILLED (SIGTERM, Ctrl-C: the training state is saved first, and the process exits with 128 + signal).
-    In a sweep (`cfg.sweep.trial` set) the run nests under the sweep's MLflow run, reports `val/rmse` to
-    its Optuna trial each epoch, stops early without a test if the pruner says so, and tells the trial
-    its result.
+    KILLED (SIGTERM, Ctrl-C: the training state is saved first, and the process exits with 128 + signal; a
+    callback raising `StopRun`: untested, the exception raised on).
     """
     register_resolvers()
     check_config(cfg)
@@ -308,11 +297,6 @@ def fit(cfg: DictConfig, ratings=None) -> Trained:
         if cfg.get("refit") and cfg.get("resume") and not LearningRates.recorded_in(cfg.resume):
             raise ConfigError(f"refit=true: {cfg.resume} holds no record of its epochs' learning rates, which "
                               f"the refit replays; resume it without refit=true, or train it again")
-        sweep = cfg.get("sweep") or {}
-        trial, beating = None, contextlib.nullcontext()
-        if sweep.get("trial") is not None:  # report every epoch; with no pruner that only records the curve
-            pruner = instantiate(sweep.pruner) if sweep.get("pruner") else optuna.pruners.NopPruner()
-            trial, beating = job_trial(sweep.study, sweep.storage, sweep.trial, pruner)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
         last = LastCheckpoint(output_dir / "checkpoints" / "last.ckpt", cfg.checkpoint_every_s)
         logger = False
@@ -320,12 +304,13 @@ def fit(cfg: DictConfig, ratings=None) -> Trained:
             logger = run_logger(cfg, digest)
             if logger:
                 describe_run(logger, cfg, datamodule, knobs)
-            with beating:
-                model, metrics = fit_and_test(cfg, model, datamodule, logger, last, trial)
+            model, metrics = fit_and_test(cfg, model, datamodule, logger, last)
         except BaseException as err:
             signum = interruption(err, last) or (sigterms[0] if sigterms else None)
             if logger:
                 end_run(logger, err, signum)
+            if isinstance(err, StopRun):
+                log.info("stopped early: %s", err)
             if signum is not None:
                 saved = f"; resume={last.path}" if last.path.is_file() else ""
                 log.error("stopped by %s%s", signum.name, saved)
@@ -391,8 +376,8 @@ def log_validation_curve(logger, output_dir: Path, monitor: str = VAL_RMSE, mode
     logger.experiment.log_artifact(logger.run_id, str(path))
 
 
-def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoint,
-                 trial: optuna.Trial | None) -> tuple[L.LightningModule, dict[str, float]]:
+def fit_and_test(cfg: DictConfig, model, datamodule, logger,
+                 last: LastCheckpoint) -> tuple[L.LightningModule, dict[str, float]]:
     """(the model tested, its metrics)."""
     output_dir = Path(cfg.output_dir)
     # The best weights at each improvement (weights only: 24 MB for ML-1M AutoRec, written in a third of the
@@ -405,9 +390,6 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
     callbacks = [checkpoint, last, rates, *configured_callbacks(cfg)]
     if cfg.get("scheduler") and logger:
         callbacks.append(LearningRateMonitor("epoch"))  # the schedule, epoch by epoch, in MLflow
-    reporting = TrialReporting(trial, task.monitor) if trial else None
-    if reporting:
-        callbacks.append(reporting)
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
 
     start = time.perf_counter()
@@ -423,54 +405,37 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoin
         best = checkpoint.best_model_path
     metrics = {task.objective: float(trainer.callback_metrics[task.objective]),
                FIT_SECONDS: time.perf_counter() - start, EPOCHS: trainer.current_epoch}
-    pruned = reporting is not None and reporting.pruned
-    if not pruned and cfg.get("refit"):  # the model tested, ranked and saved is then the one trained anew
+    if cfg.get("refit"):  # the model tested, ranked and saved is then the one trained anew
         metrics[TEST_RMSE_BEFORE_REFIT] = tested(cfg, model, datamodule, best)
         model, best, metrics[REFIT_EPOCHS], seconds = refit(cfg, datamodule, best, rates)
         metrics[FIT_SECONDS] += seconds
-    test = {}  # what trainer.test logs: test/rmse and test/mae, or the rankings
-    if not pruned:  # no test for a trial the sweep gave up on
-        test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
-        metrics.update({name: float(value) for name, value in test.items()})  # test/rmse, test/mae; or the rankings
-        if cfg.get("ranking"):  # on the best checkpoint, which trainer.test has loaded into the model
-            ranking = evaluate_ranking(model, datamodule, **OmegaConf.to_container(cfg.ranking))
-            metrics.update({f"test/{k}": v for k, v in (ranking or {}).items()})
-        recommender = Recommender.from_fit(model, datamodule)
-        with tempfile.TemporaryDirectory() as tmp:  # copied into the pyfunc model, which cfae.load reads
-            saved = serving.save(recommender, recommender.save(Path(tmp) / ARTIFACT, best), output_dir / MODEL)
+    # what trainer.test logs: test/rmse and test/mae, or the rankings
+    test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
+    metrics.update({name: float(value) for name, value in test.items()})
+    if cfg.get("ranking"):  # on the best checkpoint, which trainer.test has loaded into the model
+        ranking = evaluate_ranking(model, datamodule, **OmegaConf.to_container(cfg.ranking))
+        metrics.update({f"test/{k}": v for k, v in (ranking or {}).items()})
+    recommender = Recommender.from_fit(model, datamodule)
+    with tempfile.TemporaryDirectory() as tmp:  # copied into the pyfunc model, which cfae.load reads
+        saved = serving.save(recommender, recommender.save(Path(tmp) / ARTIFACT, best), output_dir / MODEL)
     if logger:  # once, at the last epoch; val/rmse_best and test/rmse are already logged where they belong
         logger.log_metrics({k: v for k, v in metrics.items() if k not in (*test, task.objective)},
                            step=metrics[EPOCHS])
-        if not pruned:
-            note = logger.experiment.get_run(logger.run_id).data.tags.get(MLFLOW_RUN_NOTE, "")
-            logger.experiment.set_tag(logger.run_id, MLFLOW_RUN_NOTE, f"{note}: {headline(metrics)}")
-        if trial is not None:
-            logger.experiment.set_tag(logger.run_id, "optuna.state", "PRUNED" if pruned else "COMPLETE")
-        if not pruned:  # the model you can load and serve: weights, arguments, input ratings, ids, titles
-            logger.experiment.log_artifacts(logger.run_id, str(saved), MODEL)
+        note = logger.experiment.get_run(logger.run_id).data.tags.get(MLFLOW_RUN_NOTE, "")
+        logger.experiment.set_tag(logger.run_id, MLFLOW_RUN_NOTE, f"{note}: {headline(metrics)}")
+        # the model you can load and serve: weights, arguments, input ratings, ids, titles
+        logger.experiment.log_artifacts(logger.run_id, str(saved), MODEL)
         logger.experiment.log_artifact(logger.run_id, str(output_dir / "config.yaml"))
         if not logger.flush():
             raise RuntimeError("the tracking store still does not take this run's metrics; its checkpoints "
                                f"are in {output_dir / 'checkpoints'}")
         log_validation_curve(logger, output_dir, task.monitor, task.mode)
-        logger.close("KILLED" if pruned else "FINISHED")
-    if trial is not None:  # the job tells its own result: the study has it even if the sweeper dies now
-        try:
-            if pruned:
-                trial.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            else:
-                trial.study.tell(trial, metrics[task.objective])
-        except (ValueError, RuntimeError) as err:  # failed meanwhile (its heartbeat seemed lost): keep the run
-            log.warning("trial %d was already closed in the study (%s); its result stays in this run",
-                        trial.number, err)
+        logger.close("FINISHED")
     summary = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("test/") and "users" not in k)
-    how = ("solved in closed form" if model.closed_form
-           else f"{'pruned' if pruned else 'done'} after {metrics[EPOCHS]:.0f} epochs")
+    how = "solved in closed form" if model.closed_form else f"done after {metrics[EPOCHS]:.0f} epochs"
     log.info("%s (%.1f s): %s=%.4f  %s", how, metrics[FIT_SECONDS], task.objective, metrics[task.objective], summary)
     log.info("checkpoints: %s", output_dir / "checkpoints")
-    if logger and trial is not None:  # the sweep ends with where to look
-        log.info("MLflow run %s", logger.run_id)
-    elif logger:
+    if logger:
         uri = tracking_uri(cfg.logger.uri)
         log.info("MLflow run %s in %s; browse: %s, then open %s", logger.run_id, uri, ui_command(uri),
                  runs_page(logger.experiment_id, ui_base(uri)))

@@ -91,7 +91,7 @@ TPE = [*FAST, "model=autorec", "optimizer.lr=interval(0.001,0.05)", "hydra.sweep
 
 @pytest.mark.slow
 def test_a_sweep_killed_mid_trial_finishes_when_run_again_with_new_points(data_root, tmp_path):
-    args = [*TPE, "hydra.sweeper.n_trials=4", "trainer.max_epochs=6", "sweep.pruner=null"]
+    args = [*TPE, "hydra.sweeper.n_trials=4", "trainer.max_epochs=6", "hydra.sweeper.pruner=null"]
     sweep = start("sweep.py", tmp_path, data_root, *args)
     wait_for(lambda: sum(t.state == TrialState.COMPLETE for t in trials(tmp_path, "tpe")) == 2
              and any(r.data.tags.get("optuna.trial") == "2" for r in mlflow_runs(tmp_path)),
@@ -571,8 +571,8 @@ PLUGIN_SAMPLERS = {"tpe", "random", "cmaes", "nsgaii", "motpe", "grid"}
 
 def test_the_sweeper_takes_exactly_hydra_optuna_sweepers_configuration():
     """A sweep config written for hydra-optuna-sweeper runs unchanged: `hydra/sweeper: optuna` has that
-    plugin's keys and sampler options, and cfae's sweeper takes exactly those keys (a key added here and
-    not there is a TypeError at the sweep's start, not in its middle)."""
+    plugin's keys and sampler options, and cfae's sweeper takes exactly those keys and its own `pruner` (a key
+    added here and not there is a TypeError at the sweep's start, not in its middle)."""
     import inspect
 
     from omegaconf import OmegaConf
@@ -581,8 +581,8 @@ def test_the_sweeper_takes_exactly_hydra_optuna_sweepers_configuration():
     from cfae.sweep import OptunaSweep
 
     sweeper = OmegaConf.load(CONF / "hydra" / "sweeper" / "optuna.yaml")
-    assert set(sweeper) - {"_target_", "defaults"} | {"sampler"} == PLUGIN_FIELDS
-    assert PLUGIN_FIELDS == set(inspect.signature(OptunaSweep.__init__).parameters) - {"self"}
+    assert set(sweeper) - {"_target_", "defaults"} | {"sampler"} == PLUGIN_FIELDS | {"pruner"}  # cfae's own key
+    assert PLUGIN_FIELDS | {"pruner"} == set(inspect.signature(OptunaSweep.__init__).parameters) - {"self"}
     assert {p.stem for p in (CONF / "hydra" / "sweeper" / "sampler").glob("*.yaml")} == PLUGIN_SAMPLERS
 
 

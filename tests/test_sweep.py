@@ -133,16 +133,19 @@ def test_too_many_failures_stop_the_sweep(data_root, tmp_path):
 
 
 def test_pruned_trials_stop_early_and_show_as_pruned(data_root, tmp_path):
-    always = "+sweep.pruner={_target_:optuna.pruners.ThresholdPruner,upper:0.0}"  # any RMSE > 0 is pruned
-    ok(sweep(tmp_path, data_root, *FAST, "trainer.max_epochs=6", "model=autorec", "hidden=8,16",
-             "~sweep.pruner", always))
+    always = "+hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,upper:0.0}"  # any RMSE > 0 is pruned
+    done = sweep(tmp_path, data_root, *FAST, "trainer.max_epochs=6", "model=autorec", "hidden=8,16",
+                 "~hydra.sweeper.pruner", always)
+    ok(done)
+    assert "Error" not in done.stderr  # a pruned trial is no failure
     trials = study(tmp_path, "autorec-ml1m-item-fold0").trials
     assert [t.state for t in trials] == [TrialState.PRUNED] * 2
     assert all(list(t.intermediate_values) == [0] for t in trials)  # reported once, then stopped
     _, all_runs = runs(tmp_path)
     children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
     assert all(c.data.tags["optuna.state"] == "PRUNED" and c.info.status == "KILLED" for c in children)
-    assert all(c.data.metrics["epochs"] == 1 and "test/rmse" not in c.data.metrics for c in children)
+    assert all(c.data.tags["error"].endswith("pruned at epoch 0") for c in children)
+    assert all("test/rmse" not in c.data.metrics for c in children)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from cfae.checks import ConfigError, Diverged
+from cfae.checks import ConfigError, Diverged, check_config
 from cfae.processes import keep_freed_memory
 from cfae.train import train
 
@@ -360,8 +360,7 @@ def test_refit_switch_and_sweeps(data_root, tmp_path):
     with pytest.raises(ConfigError, match="refit=yes: must be true or false"):
         cfae.fit(config(data_root, tmp_path, "refit=yes"))
     with pytest.raises(ConfigError, match="refit=true in a sweep: trials are compared on validation"):
-        cfae.fit(config(data_root, tmp_path, "refit=true", "sweep.trial=0", "sweep.study=s",
-                        f"sweep.storage=sqlite:///{tmp_path}/optuna.db"))
+        check_config(config(data_root, tmp_path, "refit=true"), sweeping=True)
 
 
 def test_refit_off_leaves_a_runs_config_digest_as_it_was_without_the_switch(data_root, tmp_path):
