@@ -24,7 +24,11 @@ def _train(cfg: DictConfig) -> float:
     if cfg.keep_freed_memory:
         keep_freed_memory()
     with reported_in_one_line():  # a bad value or data file: one line and exit 1 (HYDRA_FULL_ERROR=1: traceback)
-        return train(cfg)[cfg.task.objective]  # the value a sweep optimises
+        if cfg.get("logger"):
+            from cfae.tracking import close_dead_runs, mlflow_client
+
+            close_dead_runs(*mlflow_client(cfg.logger.uri, cfg.logger.experiment_name))
+        return train(cfg)[cfg.task.objective]
 
 
 @hydra.main(config_path=str(CONF), config_name="sweep", version_base="1.3")

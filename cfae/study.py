@@ -46,7 +46,7 @@ from cfae.configs import CONF, compose
 from cfae.console import quiet_benchmark, quiet_libraries
 from cfae.metrics import FIT_SECONDS, headline
 from cfae.processes import keep_freed_memory, usable_cores
-from cfae.tracking import config_digest, finished_study_runs, mlflow_client
+from cfae.tracking import close_dead_runs, config_digest, finished_study_runs, mlflow_client
 from cfae.train import train
 
 log = logging.getLogger("cfae.study")
@@ -105,6 +105,7 @@ def compose_run(run: Run, name: str, overrides: list[str], output_root: Path, co
 def finished(name: str, uri: str | None, experiment_name: str) -> set[tuple[str, str]]:
     """(key, config digest) of the study's FINISHED runs."""
     client, experiment_id = mlflow_client(uri, experiment_name)
+    close_dead_runs(client, experiment_id)  # a run killed in an earlier try is FAILED, so not done
     return {(r.data.tags["cfae.key"], r.data.tags.get("cfae.config", "")) for r in
             finished_study_runs(client, experiment_id, name)}
 
@@ -208,6 +209,7 @@ def run_in_parallel(todo: list[tuple[Run, DictConfig]], jobs: int) -> list[str]:
     # Runs still queued when the study is stopped are never read: without this, exiting would wait for ever
     # to push them into a pipe no worker reads.
     tasks.cancel_join_thread()
+    configs = {run.key: cfg for run, cfg in todo}
     workers: dict[int, multiprocessing.Process] = {}
 
     def start_worker(slot: int) -> None:
@@ -252,10 +254,12 @@ def run_in_parallel(todo: list[tuple[Run, DictConfig]], jobs: int) -> list[str]:
                 key = running.pop(worker.pid, None)
                 if worker.exitcode == 0:  # took its stop sign after its last run
                     continue
-                if key is not None and key not in ended:  # killed during a run
+                if key is not None and key not in ended:  # killed during a run: its MLflow run FAILED now
                     log.error("%s failed: its process died (exit code %s)", key, worker.exitcode)
                     ended.add(key)
                     failed.append(key)
+                    logger = configs[key].logger
+                    close_dead_runs(*mlflow_client(logger.uri, logger.experiment_name))
                 if restarts < len(todo):  # not for ever if workers die on their own, before any run
                     restarts += 1
                     start_worker(slot)

@@ -51,7 +51,7 @@ from cfae.checks import ConfigError, check_config, check_knob, refused_up_front,
 from cfae.metrics import VAL_RMSE_BEST
 from cfae.processes import this_process
 from cfae.stores import store_lock
-from cfae.tracking import git_commit, mlflow_client, run_page, tracking_uri, ui_base, ui_command
+from cfae.tracking import close_dead_runs, git_commit, mlflow_client, run_page, tracking_uri, ui_base, ui_command
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +275,8 @@ class OptunaSweep(Sweeper):
         check_task(self.config)
         for name in distributions:  # a swept knob the model would ignore is refused now
             check_knob(self.config, name, "(swept)")
-        if self.config.get("logger"):
-            mlflow_client(self.tracking_uri)  # a server that does not answer is said now, in one line
+        if self.config.get("logger"):  # a server that does not answer is said now, in one line
+            close_dead_runs(*mlflow_client(self.tracking_uri, self.config.logger.experiment_name))
         return distributions, fixed, grid_of(distributions)
 
     def open_study(self, distributions: dict[str, BaseDistribution], grid: dict | None) -> optuna.Study:

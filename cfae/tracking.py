@@ -171,8 +171,7 @@ def serve_command(run_id: str, uri: str) -> str:
 def mlflow_client(uri: str | None = None, experiment_name: str = "cfae") -> tuple[MlflowClient, str]:
     """A client on the store, and the id of `experiment_name` there (created, with artifacts beside a
     sqlite store, if it does not exist yet). Processes starting together on a new sqlite store create it
-    one at a time; a server is asked once, with a short timeout, whether it answers. Runs left RUNNING by a
-    process that has died are marked FAILED on the way."""
+    one at a time; a server is asked once, with a short timeout, whether it answers."""
     uri = tracking_uri(uri)
     check_server(uri)
     check_writable(uri)
@@ -189,7 +188,6 @@ def mlflow_client(uri: str | None = None, experiment_name: str = "cfae") -> tupl
             for key, value in ui_tags.items():
                 if view_columns(experiment.tags.get(key)) != view_columns(value):  # absent, or another cfae's
                     client.set_experiment_tag(experiment_id, key, value)
-    close_dead_runs(client, experiment_id)
     return client, experiment_id
 
 
@@ -209,7 +207,8 @@ def log_dataset(client: MlflowClient, run_id: str, dataset: DatasetInput) -> Non
 
 def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     """Mark FAILED, with an `error` tag, the RUNNING runs whose process (tag `cfae.process`) is known to have
-    ended without closing them (kill -9, out of memory); the ids of those runs."""
+    ended without closing them (kill -9, out of memory); the ids of those runs. The commands that start runs
+    (train, sweep, study) call it first, so that a killed run shows as such by the next one."""
     closed = []
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000):
         process = run.data.tags.get("cfae.process")

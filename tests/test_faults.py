@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from cfae.checks import ConfigError
 from cfae.stores import store_lock
-from cfae.tracking import mlflow_client
+from cfae.tracking import close_dead_runs, mlflow_client
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["trainer.max_epochs=3", "trainer.enable_progress_bar=false", "data.batch_size=32", "hidden=16"]
@@ -241,7 +241,7 @@ def test_a_study_running_two_at_a_time_survives_a_killed_worker_and_stops_every_
     assert {row: r.info.status for row, r in closed.items()} == {"autorec": "FAILED", "denoising": "KILLED",
                                                                  "svd": "FINISHED", "fig3_latent_size": "KILLED"}, (
         said()[-3000:])
-    killed = closed["autorec"].data.tags["cfae.process"]  # marked by the next run the store saw: svd's
+    killed = closed["autorec"].data.tags["cfae.process"]  # marked by the study once it saw its worker die
     assert closed["autorec"].data.tags["error"].startswith(f"its process ({killed}) ended without closing it")
     assert closed["denoising"].data.tags["error"] == closed["fig3_latent_size"].data.tags["error"] == (
         "interrupted (SIGTERM)")  # and the new worker's next run
@@ -256,7 +256,7 @@ def test_a_run_killed_in_its_first_minute_can_resume_and_is_marked_failed_by_the
     process.wait()
     (r,) = mlflow_runs(tmp_path)
     assert r.info.status == "RUNNING"  # nobody could close it
-    mlflow_client(f"sqlite:///{tmp_path}/mlruns/mlflow.db")  # what every train, sweep and study does first
+    close_dead_runs(*mlflow_client(f"sqlite:///{tmp_path}/mlruns/mlflow.db"))  # what train, sweep and study do first
     (r,) = mlflow_runs(tmp_path)
     assert r.info.status == "FAILED" and "ended without closing it" in r.data.tags["error"]
     resumed = run("train.py", tmp_path, data_root, *LONG, "trainer.max_epochs=3",
