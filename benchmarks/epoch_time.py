@@ -33,6 +33,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from common import timings
 from torch import nn
 
 from cfae.callbacks import EpochTimer
@@ -40,7 +41,7 @@ from cfae.configs import precision
 from cfae.console import quiet_benchmark
 from cfae.data import RatingsDataModule
 from cfae.models import EASE, VAE, AutoRec, DeepAutoencoder, MultVAE
-from cfae.processes import device_clock, keep_freed_memory, machine, timings
+from cfae.processes import device_clock, keep_freed_memory, machine
 
 HIDDEN = 500
 

@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 import torch
+from common import lbfgs_step
 
 from cfae.configs import compose
 from cfae.data.movielens import read_ratings
 from cfae.data.ratings import build_matrix
 from cfae.models import GLocalK
-from cfae.models.kernel import lbfgs_step
 from cfae.processes import keep_freed_memory, machine
 from cfae.sparse import SparseRows
 

@@ -24,8 +24,9 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from common import timings
 
-from cfae.processes import keep_freed_memory, timings
+from cfae.processes import keep_freed_memory
 from cfae.sparse import SampledLinear, SparseRows, column_sums
 
 SHAPES = {"ml1m": (6_040, 233), "ml20m": (138_493, 568)}  # columns, ratings per row

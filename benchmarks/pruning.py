@@ -3,7 +3,7 @@
     CFAE_DATA_DIR=../shared/data python benchmarks/pruning.py [--trials 8] [--epochs 20] [--model autorec]
 
 Runs `sweep.py -m model=MODEL hydra.sweeper.n_trials=N trainer.max_epochs=E` twice in fresh folders:
-with the default median pruner and with `sweep.pruner=null`. Epochs spent are counted from the
+with the default median pruner and with `hydra.sweeper.pruner=null`. Epochs spent are counted from the
 per-epoch reports every trial makes to its Optuna study. Last line: epochs_pruned=.. epochs_unpruned=..
 ratio=.. best_pruned=.. best_unpruned=..
 """
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()
     results = {}
-    for name, extra in (("pruned", ()), ("unpruned", ("sweep.pruner=null",))):
+    for name, extra in (("pruned", ()), ("unpruned", ("hydra.sweeper.pruner=null",))):
         with tempfile.TemporaryDirectory() as folder:
             results[name] = run_sweep(Path(folder), args.model, args.trials, args.epochs, *extra)
         spent, best, states, wall = results[name]

@@ -34,9 +34,10 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+from common import scratch_run
 from omegaconf import open_dict
 
-from cfae.configs import compose, scratch_run
+from cfae.configs import compose
 from cfae.console import quiet_benchmark
 from cfae.metrics import MaskedRMSE
 from cfae.processes import keep_freed_memory, machine

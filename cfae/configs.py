@@ -98,13 +98,6 @@ def compose(*overrides: str, config_name: str = "train") -> DictConfig:
     return cfg
 
 
-def scratch_run(store: Path, *overrides: str) -> DictConfig:
-    """`compose(*overrides)` for a run a benchmark measures: no progress bar and no ranking metrics, tracked
-    in a throwaway MLflow store in `store`, its checkpoints in a folder of its own there."""
-    return compose(*overrides, "trainer.enable_progress_bar=false", "ranking=null",
-                   f"logger.uri=sqlite:///{store}/mlflow.db", f"output_dir={store}/run-{datetime.now().timestamp()}")
-
-
 def constructor_defaults(cls: type) -> dict[str, Any]:
     """The keyword defaults of `cls(...)`, following `**kwargs` up to the base classes that take them."""
     defaults: dict[str, Any] = {}

@@ -97,15 +97,3 @@ def device_clock(device=None) -> float:
 
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def timings(f, repeats: int, device=None) -> list[float]:
-    """Seconds of each of `repeats` calls of f, after one call to warm up, the work f queues on `device`
-    included: what the benchmarks report."""
-    f()
-    times = []
-    for _ in range(repeats):
-        start = device_clock(device)
-        f()
-        times.append(device_clock(device) - start)
-    return times

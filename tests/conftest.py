@@ -35,8 +35,12 @@ def no_network(monkeypatch):
 def benchmark():
     """The module of a script in benchmarks/, by name: `benchmark("time_to_accuracy").main`."""
 
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if folder not in sys.path:  # as `python benchmarks/<name>.py` has it: benchmarks/common.py importable
+        sys.path.insert(0, folder)
+
     def load(name: str):
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        path = Path(folder) / f"{name}.py"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # importable by name, as Hydra's `_target_` finds a benchmark's callback

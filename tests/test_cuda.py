@@ -4,9 +4,8 @@ and bf16 mixed precision costs no accuracy. Skipped without a GPU; `benchmarks/g
 import lightning as L
 import pytest
 import torch
+from helpers import MODELS, ROOT
 from hydra import compose, initialize_config_dir
-from test_train import ROOT
-from test_zoo import MODELS
 
 from cfae.data import RatingsDataModule
 from cfae.models import AutoRec

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from test_models import random_rows
+from helpers import random_rows
 
 from cfae.models import GLocalK, KernelAutoRec
-from cfae.models.kernel import KernelLinear, lbfgs_step
+from cfae.models.kernel import KernelLinear
 from cfae.sparse import SparseRows
 
 
@@ -73,7 +73,14 @@ def test_full_batch_lbfgs_takes_one_group_and_lowers_the_objective():
                           optimizer=functools.partial(torch.optim.LBFGS, max_iter=20, line_search_fn="strong_wolfe"))
     optimizer = model.configure_optimizers()
     before = model.training_loss(x).item()
-    lbfgs_step(model, x, optimizer)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model.training_loss(x)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
     assert model.training_loss(x).item() < 0.5 * before
 
 

@@ -3,19 +3,13 @@ import functools
 import lightning as L
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
+from helpers import random_rows
 
 from cfae.data import RatingsDataModule
 from cfae.models import VAE, AutoRec, DeepAutoencoder, MatrixFactorization
 from cfae.models.base import masked_mse
 from cfae.sparse import SampledLinear, SparseLinear, SparseRows, SparseRowsTimesDense
-
-
-def random_rows(n_rows=6, n_cols=9, density=0.3, seed=0) -> SparseRows:
-    m = sp.random(n_rows, n_cols, density=density, format="csr", random_state=seed, dtype=np.float32)
-    m.data = np.ceil(m.data * 5)
-    return SparseRows.from_csr(m, np.arange(n_rows))
 
 
 def test_sparse_linear_matches_dense_product_and_gradient():

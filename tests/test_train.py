@@ -5,14 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from cfae.checks import ConfigError, Diverged, check_config
 from cfae.processes import keep_freed_memory
 from cfae.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(data_root, tmp_path, *overrides):

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from helpers import MODELS, ROOT, random_rows
 from hydra import compose, initialize_config_dir
-from test_models import random_rows
-from test_train import ROOT
 
 from cfae.models import VAE, AutoRec, DeepAutoencoder, MatrixFactorization
 from cfae.models.base import masked_mse
@@ -125,24 +124,6 @@ def test_mf_and_bias_recover_planted_biases(n_factors):
         np.testing.assert_allclose(learned_rows - learned_rows.mean(), row_bias - row_bias.mean(), atol=0.05)
         np.testing.assert_allclose(learned_cols - learned_cols.mean(), col_bias - col_bias.mean(), atol=0.05)
     assert np.corrcoef(learned_rows, row_bias)[0, 1] > 0.95 and np.corrcoef(learned_cols, col_bias)[0, 1] > 0.95
-
-
-MODELS = {  # model: overrides that fit the tiny synthetic set in a few seconds
-    "autorec": ["hidden=64", "optimizer.lr=0.01", "model.weight_decay=1e-3"],
-    "denoising": ["hidden=64", "optimizer.lr=0.01", "model.weight_decay=1e-3", "noise=0.1"],
-    "deep": ["hidden=32", "depth=2", "optimizer.lr=0.003"],
-    "deep_refeed": ["hidden=32", "depth=2", "optimizer.lr=0.003"],
-    "deep_bn": ["hidden=32", "depth=2", "optimizer.lr=0.003"],
-    "vae": ["hidden=32", "depth=2", "optimizer.lr=0.003", "model.anneal_steps=100"],
-    "mf": ["hidden=8", "optimizer.lr=0.02", "model.regularization=0.02"],
-    "bias": ["optimizer.lr=0.05"],
-    "svd": ["hidden=3"],
-    "bayesian_fm": ["hidden=4", "model.iterations=60"],
-    "kernel_autorec": ["hidden=32", "depth=1", "model.lambda_2=1", "model.lambda_s=0.01", "optimizer.max_iter=10",
-                       "data.batch_size=100000", "trainer.max_epochs=10"],  # full batch, as its config has it
-    "glocal_k": ["hidden=32", "depth=1", "model.lambda_2=1", "model.lambda_s=0.01", "optimizer.max_iter=10",
-                 "model.pretrain_epochs=5", "trainer.max_epochs=10"],  # whole matrix: its own batches
-}
 
 
 ORIENTATIONS = ["item", pytest.param("user", marks=pytest.mark.slow)]

@@ -60,18 +60,6 @@ class KernelLinear(nn.Module):
         return x @ weight + self.bias
 
 
-def lbfgs_step(model: RatingModel, x: SparseRows, optimizer: torch.optim.LBFGS) -> None:
-    """One L-BFGS `step` on the model's objective over x (the whole matrix): up to its max_iter iterations."""
-
-    def closure():
-        optimizer.zero_grad()
-        loss = model.training_loss(x)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-
-
 class KernelAutoRec(RatingModel):
     """I-AutoRec-shaped: `n_layers` kernel layers of `hidden_size` (sigmoid), a kernel output layer
     (identity). Defaults: Muller et al.'s ML-1M setting (2 x 500, embeddings of 5, lambda_2 70, lambda_s
