@@ -66,21 +66,14 @@ def test_the_objective_is_half_the_squared_error_plus_the_kernel_and_weight_pena
     torch.testing.assert_close(model.training_loss(x), expected / len(x.val))  # per rating
 
 
-def test_full_batch_lbfgs_takes_one_group_and_lowers_the_objective():
+def test_full_batch_lbfgs_takes_one_group_and_lowers_the_objective(benchmark):
     torch.manual_seed(0)
     x = random_rows(n_rows=30, n_cols=12, density=0.4)
     model = KernelAutoRec(n_inputs=12, hidden_size=8, n_layers=1, lambda_2=0.1, lambda_s=0.01,
                           optimizer=functools.partial(torch.optim.LBFGS, max_iter=20, line_search_fn="strong_wolfe"))
     optimizer = model.configure_optimizers()
     before = model.training_loss(x).item()
-
-    def closure():
-        optimizer.zero_grad()
-        loss = model.training_loss(x)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
+    benchmark("common").lbfgs_step(model, x, optimizer)
     assert model.training_loss(x).item() < 0.5 * before
 
 
