@@ -61,7 +61,7 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str], str]] = [
     ("dropout", fraction, "a dropout rate; null: the model's default"),
     ("noise", fraction, "the fraction of input ratings dropped; null: the model's default"),
     ("seed", count, ""),
-    ("threads", positive_int, "torch's CPU threads; null: torch's default"),
+    ("threads", positive_int, "torch's CPU threads; null: the cores this process may use"),
     ("patience", positive_int, "epochs without a better val/rmse before early stopping"),
     ("refit", (lambda x: isinstance(x, bool), "true or false"), ""),
     ("checkpoint_every_s", non_negative, "seconds between full checkpoints; 0: every epoch"),

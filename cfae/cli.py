@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import sys
 
-import hydra
-from omegaconf import DictConfig
+from cfae.processes import keep_freed_memory, openmp_spins_briefly
 
-from cfae.checks import reported_in_one_line
-from cfae.configs import CONF, register_resolvers
-from cfae.console import quiet_libraries
-from cfae.processes import keep_freed_memory
+openmp_spins_briefly()  # before torch loads (cfae.checks and cfae.configs load it)
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from cfae.checks import reported_in_one_line  # noqa: E402
+from cfae.configs import CONF, register_resolvers  # noqa: E402
+from cfae.console import quiet_libraries  # noqa: E402
 
 register_resolvers()  # before Hydra composes: `--cfg job --resolve` and the sweeper resolve them too
 

@@ -84,9 +84,29 @@ def machine() -> str:
     return f"{cpu}, {usable_cores()} cores, {gpu}"
 
 
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity, where the OS says), not all the machine has."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPU cores this process may use, not all the machine has: those it may run on (its affinity, where
+    the OS says), and no more than its container's CPU quota (cgroup v2's `cpu.max`, rounded up) allows."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()
+    except (OSError, ValueError):
+        return cores
+    return cores if quota == "max" else max(1, min(cores, -(-int(quota) // int(period))))
+
+
+SPIN = 10_000  # OpenMP rounds an idle thread spins before it sleeps (libgomp's default: 300,000)
+
+
+def openmp_spins_briefly() -> None:
+    """Have the OpenMP threads of torch's CPU kernels spin at most `SPIN` rounds waiting for work before they
+    sleep (libgomp's GOMP_SPINCOUNT). With libgomp's default a run beside processes that keep the cores busy
+    slows far more than its share of the CPU: its threads spin in each other's way at every parallel step
+    (docs/performance.md, benchmarks/shared_machine.py). The command lines call it before torch loads (libgomp
+    reads it once, then); a GOMP_SPINCOUNT or OMP_WAIT_POLICY already set wins, and a notebook's process is
+    left as it is."""
+    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = str(SPIN)
 
 
 def device_clock(device=None) -> float:

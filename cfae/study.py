@@ -45,7 +45,7 @@ from cfae.checks import check_config, reported_in_one_line
 from cfae.configs import CONF, compose
 from cfae.console import quiet_benchmark, quiet_libraries
 from cfae.metrics import FIT_SECONDS, headline
-from cfae.processes import keep_freed_memory, usable_cores
+from cfae.processes import keep_freed_memory, openmp_spins_briefly, usable_cores
 from cfae.tracking import close_dead_runs, config_digest, finished_study_runs, mlflow_client
 from cfae.train import train
 
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if configs[0].keep_freed_memory:
         keep_freed_memory()
+    openmp_spins_briefly()  # for the workers' torch (this process's is loaded already)
     start = time.perf_counter()
     failed = run_in_parallel(todo, args.jobs) if args.jobs > 1 and todo else run_in_turn(todo)
     log.info("study %r: %d runs in %.1f min, %d failed%s", name, len(todo), (time.perf_counter() - start) / 60,

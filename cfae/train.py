@@ -40,7 +40,7 @@ from cfae.metrics import (
     headline,
 )
 from cfae.models import RankingModel
-from cfae.processes import machine
+from cfae.processes import machine, usable_cores
 from cfae.ranking import evaluate_ranking
 from cfae.recommender import ARTIFACT, Recommender
 from cfae.serving import MODEL
@@ -281,8 +281,7 @@ def fit(cfg: DictConfig, ratings=None) -> Trained:
     output_dir = Path(cfg.output_dir)
     with claimed(output_dir), sigterm_raises() as sigterms:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        if cfg.get("threads"):
-            torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(cfg.get("threads") or usable_cores())
         datamodule = build(cfg.data)
         if ratings is not None:
             datamodule.use_frame(ratings)

@@ -696,3 +696,33 @@ def test_a_dataset_is_logged_again_once_after_an_error_and_a_second_error_is_rai
     with pytest.raises(MlflowException, match=r"\(2\)"):  # the second try's error, not swallowed
         log_dataset(broken, "run", "dataset")
     assert broken.calls == 2
+
+
+def test_a_run_uses_the_cores_its_process_may_use_and_openmp_spins_briefly(tmp_path, monkeypatch):
+    from cfae.processes import SPIN, openmp_spins_briefly, usable_cores
+
+    affinity = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    for written, cores in (("max 100000", affinity), ("50000 100000", 1), (f"{100000 * affinity + 1} 100000",
+                                                                            affinity)):
+        quota.write_text(written)
+        assert usable_cores(quota) == cores
+    assert usable_cores(tmp_path / "absent") == affinity
+    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(name, raising=False)
+    openmp_spins_briefly()
+    assert os.environ["GOMP_SPINCOUNT"] == str(SPIN)
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the user's choice wins
+    openmp_spins_briefly()
+    assert "GOMP_SPINCOUNT" not in os.environ
+    # the command lines set it before torch loads: libgomp reads it once, when torch's library is loaded
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    spy = ("import os, sys\n"
+           "class Spy:  # says GOMP_SPINCOUNT as torch is first imported\n"
+           "    def find_spec(self, name, path=None, target=None):\n"
+           "        if name == 'torch': print('torch loads with', os.environ.get('GOMP_SPINCOUNT'))\n"
+           "sys.meta_path.insert(0, Spy())\n"
+           "import cfae.cli\n")
+    said = subprocess.run([sys.executable, "-c", spy], env=env, capture_output=True, text=True)
+    assert said.stdout.splitlines()[0] == f"torch loads with {SPIN}", said.stdout + said.stderr[-2000:]
