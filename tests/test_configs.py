@@ -115,3 +115,18 @@ def test_early_stopping_watches_the_metric_the_models_log():
     from cfae.metrics import VAL_RMSE
 
     assert compose().callbacks.early_stopping.monitor == VAL_RMSE
+
+
+def test_the_configs_say_each_thing_once():
+    """Every model config has one shape (`@package _global_`, its arguments under `model:`); no two configs of a
+    group hold the same settings (search spaces, data sets, the study's recipe: shared ones are included)."""
+    for name in MODEL_CONFIGS:
+        assert (ROOT / "conf" / "model" / f"{name}.yaml").read_text().startswith("# @package _global_\n"), name
+    for group in ("model", "data", "search_space", "experiment", "optimizer", "task"):
+        bodies = {}
+        for path in sorted((ROOT / "conf" / group).glob("*.yaml")):
+            lines = [line.split("#")[0].rstrip() for line in path.read_text().splitlines() if line.split("#")[0].strip()]
+            own = [line for line in lines if line != "defaults:" and not line.lstrip().startswith("- ")]
+            body = "\n".join(lines)
+            assert not own or body not in bodies, f"conf/{group}/{path.name} repeats {bodies.get(body)}"
+            bodies.setdefault(body, path.name)
