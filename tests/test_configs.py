@@ -125,7 +125,8 @@ def test_the_configs_say_each_thing_once():
     for group in ("model", "data", "search_space", "experiment", "optimizer", "task"):
         bodies = {}
         for path in sorted((ROOT / "conf" / group).glob("*.yaml")):
-            lines = [line.split("#")[0].rstrip() for line in path.read_text().splitlines() if line.split("#")[0].strip()]
+            lines = [line.split("#")[0].rstrip() for line in path.read_text().splitlines()]
+            lines = [line for line in lines if line.strip()]
             own = [line for line in lines if line != "defaults:" and not line.lstrip().startswith("- ")]
             body = "\n".join(lines)
             assert not own or body not in bodies, f"conf/{group}/{path.name} repeats {bodies.get(body)}"
