@@ -64,6 +64,7 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str], str]] = [
     ("threads", positive_int, "torch's CPU threads; null: the cores this process may use"),
     ("patience", positive_int, "epochs without a better val/rmse before early stopping"),
     ("refit", (lambda x: isinstance(x, bool), "true or false"), ""),
+    ("save_model", (lambda x: isinstance(x, bool), "true or false"), ""),
     ("checkpoint_every_s", non_negative, "seconds between full checkpoints; 0: every epoch"),
     ("trainer.max_epochs", positive_int, ""),
     ("data.batch_size", positive_int, ""),

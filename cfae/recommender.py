@@ -328,7 +328,9 @@ def run_files(source: str, artifact: str, tracking_uri: str | None = None) -> tu
                 run_id = client.get_model_version(name, version).run_id
         local = download_artifacts(run_id=run_id, artifact_path=artifact, tracking_uri=uri)
     except (MlflowException, OSError) as err:
-        raise UsageError(f"{source} in {uri}: no {artifact} ({str(err).splitlines()[0]})") from None
+        raise UsageError(f"{source} in {uri}: no {artifact} ({str(err).splitlines()[0]}); a run with "
+                         f"save_model=false (a study's, by default) packaged none: run it with "
+                         f"save_model=true") from None
     return run_id, Path(local)
 
 

@@ -93,7 +93,9 @@ def compose_run(run: Run, name: str, overrides: list[str], output_root: Path, co
     """The run's training config, as train.py would compose it, with the study's tags on its logger. The
     run's own overrides (fold, protocol, the figure's knob) come last: they win over the study-wide ones."""
     output_dir = output_root / run.key.replace("=", "-")
-    cfg = compose(f"+experiment={run.experiment}", *overrides, *run.overrides, f"output_dir={output_dir}")
+    # its checkpoints, not a packaged model (12 MB a run on ML-1M), unless the command says save_model=true
+    cfg = compose(f"+experiment={run.experiment}", "save_model=false", *overrides, *run.overrides,
+                  f"output_dir={output_dir}")
     with open_dict(cfg):
         if not cfg.get("logger"):
             raise SystemExit("the study records its runs in MLflow: drop logger=none")

@@ -224,8 +224,8 @@ def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
 
 # Keys that change where a run writes or how it reports, never what it computes.
 NOT_THE_RESULT = ("output_dir", "logger", "resume", "threads", "keep_freed_memory", "checkpoint_every_s",
-                  "callbacks.optuna_trial", "choices", "trainer.enable_progress_bar", "data.root", "data.download",
-                  "data.num_workers")
+                  "save_model", "callbacks.optuna_trial", "choices", "trainer.enable_progress_bar", "data.root",
+                  "data.download", "data.num_workers")
 # Top-level switches left out of the digest while they are off: a run with one off computes what a run
 # without the switch computes, so a store's runs keep counting as done.
 OFF_IS_THE_RESULT = {"refit": False}

@@ -377,12 +377,26 @@ def log_validation_curve(logger, output_dir: Path, monitor: str = VAL_RMSE, mode
 
 def fit_and_test(cfg: DictConfig, model, datamodule, logger,
                  last: LastCheckpoint) -> tuple[L.LightningModule, dict[str, float]]:
-    """(the model tested, its metrics)."""
-    output_dir = Path(cfg.output_dir)
+    """The run's story, stage by stage: (the model tested, its metrics)."""
+    trainer, best, rates, metrics = train_on_validation(cfg, model, datamodule, logger, last)
+    if cfg.get("refit"):  # the model tested, ranked and saved is then the one trained anew
+        model, best = refitted(cfg, model, datamodule, best, rates, metrics)
+    tests = measured_on_test(cfg, trainer, model, datamodule, best)
+    metrics.update(tests)
+    saved = save_model(model, datamodule, best, Path(cfg.output_dir)) if cfg.get("save_model", True) else None
+    if logger:
+        close_run(logger, cfg, metrics, logged=(*tests, cfg.task.objective), saved=saved)
+    say_where(cfg, model, metrics, logger)
+    return model, metrics
+
+
+def train_on_validation(cfg: DictConfig, model, datamodule, logger, last: LastCheckpoint):
+    """Train (or solve, in closed form) on the training part, the epoch chosen on validation: (the trainer, the best
+    checkpoint, the learning rates of each epoch, the metrics so far)."""
+    output_dir, task = Path(cfg.output_dir), cfg.task  # task: what validation watches, which way is better
     # The best weights at each improvement (weights only: 24 MB for ML-1M AutoRec, written in a third of the
     # time of the 72 MB full state); the full state for `resume` after the first epoch, then at most every
     # `checkpoint_every_s` seconds (LastCheckpoint). Writing both every epoch took longer than an ML-1M epoch.
-    task = cfg.task  # what validation watches (val/rmse, lower is better; val/ndcg_at_100, higher) and returns
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor=task.monitor,
                                  mode=task.mode, save_top_k=1, save_weights_only=True, enable_version_counter=False)
     rates = LearningRates()  # what a refit replays
@@ -390,7 +404,6 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger,
     if cfg.get("scheduler") and logger:
         callbacks.append(LearningRateMonitor("epoch"))  # the schedule, epoch by epoch, in MLflow
     trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
-
     start = time.perf_counter()
     if model.closed_form:  # fitted once, validated once, no epochs; its only weights are its best
         model.solve(datamodule.train_matrix)
@@ -404,39 +417,64 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger,
         best = checkpoint.best_model_path
     metrics = {task.objective: float(trainer.callback_metrics[task.objective]),
                FIT_SECONDS: time.perf_counter() - start, EPOCHS: trainer.current_epoch}
-    if cfg.get("refit"):  # the model tested, ranked and saved is then the one trained anew
-        metrics[TEST_RMSE_BEFORE_REFIT] = tested(cfg, model, datamodule, best)
-        model, best, metrics[REFIT_EPOCHS], seconds = refit(cfg, datamodule, best, rates)
-        metrics[FIT_SECONDS] += seconds
-    # what trainer.test logs: test/rmse and test/mae, or the rankings
-    test = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
-    metrics.update({name: float(value) for name, value in test.items()})
+    return trainer, best, rates, metrics
+
+
+def refitted(cfg: DictConfig, model, datamodule, best: str, rates: LearningRates,
+             metrics: dict[str, float]) -> tuple[L.LightningModule, str]:
+    """The refit stage: the chosen model's test RMSE kept as `test/rmse_before_refit`, then (model, checkpoint)
+    trained anew on training + validation (`refit`), its epochs and seconds added to `metrics`."""
+    metrics[TEST_RMSE_BEFORE_REFIT] = tested(cfg, model, datamodule, best)
+    model, best, metrics[REFIT_EPOCHS], seconds = refit(cfg, datamodule, best, rates)
+    metrics[FIT_SECONDS] += seconds
+    return model, best
+
+
+def measured_on_test(cfg: DictConfig, trainer, model, datamodule, best: str) -> dict[str, float]:
+    """The test part's metrics of the `best` checkpoint: test/rmse and test/mae, or the rankings."""
+    metrics = {name: float(value) for name, value in
+               trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0].items()}
     if cfg.get("ranking"):  # on the best checkpoint, which trainer.test has loaded into the model
         ranking = evaluate_ranking(model, datamodule, **OmegaConf.to_container(cfg.ranking))
         metrics.update({f"test/{k}": v for k, v in (ranking or {}).items()})
+    return metrics
+
+
+def save_model(model, datamodule, best: str, output_dir: Path) -> Path:
+    """The model you can load and serve (`cfae.load`, `mlflow models serve`): weights, constructor arguments,
+    input ratings, ids and titles, in <output_dir>/model."""
     recommender = Recommender.from_fit(model, datamodule)
     with tempfile.TemporaryDirectory() as tmp:  # copied into the pyfunc model, which cfae.load reads
-        saved = serving.save(recommender, recommender.save(Path(tmp) / ARTIFACT, best), output_dir / MODEL)
-    if logger:  # once, at the last epoch; val/rmse_best and test/rmse are already logged where they belong
-        logger.log_metrics({k: v for k, v in metrics.items() if k not in (*test, task.objective)},
-                           step=metrics[EPOCHS])
-        note = logger.experiment.get_run(logger.run_id).data.tags.get(MLFLOW_RUN_NOTE, "")
-        logger.experiment.set_tag(logger.run_id, MLFLOW_RUN_NOTE, f"{note}: {headline(metrics)}")
-        # the model you can load and serve: weights, arguments, input ratings, ids, titles
+        return serving.save(recommender, recommender.save(Path(tmp) / ARTIFACT, best), output_dir / MODEL)
+
+
+def close_run(logger, cfg: DictConfig, metrics: dict[str, float], logged: tuple[str, ...], saved: Path | None) -> None:
+    """The MLflow run's last metrics (those not `logged` already, at the last epoch), its note, its model, config
+    and validation curve; then FINISHED."""
+    output_dir = Path(cfg.output_dir)
+    logger.log_metrics({k: v for k, v in metrics.items() if k not in logged}, step=metrics[EPOCHS])
+    note = logger.experiment.get_run(logger.run_id).data.tags.get(MLFLOW_RUN_NOTE, "")
+    logger.experiment.set_tag(logger.run_id, MLFLOW_RUN_NOTE, f"{note}: {headline(metrics)}")
+    if saved is not None:
         logger.experiment.log_artifacts(logger.run_id, str(saved), MODEL)
-        logger.experiment.log_artifact(logger.run_id, str(output_dir / "config.yaml"))
-        if not logger.flush():
-            raise RuntimeError("the tracking store still does not take this run's metrics; its checkpoints "
-                               f"are in {output_dir / 'checkpoints'}")
-        log_validation_curve(logger, output_dir, task.monitor, task.mode)
-        logger.close("FINISHED")
+    logger.experiment.log_artifact(logger.run_id, str(output_dir / "config.yaml"))
+    if not logger.flush():
+        raise RuntimeError("the tracking store still does not take this run's metrics; its checkpoints "
+                           f"are in {output_dir / 'checkpoints'}")
+    log_validation_curve(logger, output_dir, cfg.task.monitor, cfg.task.mode)
+    logger.close("FINISHED")
+
+
+def say_where(cfg: DictConfig, model, metrics: dict[str, float], logger) -> None:
+    """The run's last lines: how it ended, its test figures, and where its checkpoints, run and model are."""
+    objective = cfg.task.objective
     summary = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("test/") and "users" not in k)
     how = "solved in closed form" if model.closed_form else f"done after {metrics[EPOCHS]:.0f} epochs"
-    log.info("%s (%.1f s): %s=%.4f  %s", how, metrics[FIT_SECONDS], task.objective, metrics[task.objective], summary)
-    log.info("checkpoints: %s", output_dir / "checkpoints")
+    log.info("%s (%.1f s): %s=%.4f  %s", how, metrics[FIT_SECONDS], objective, metrics[objective], summary)
+    log.info("checkpoints: %s", Path(cfg.output_dir) / "checkpoints")
     if logger:
         uri = tracking_uri(cfg.logger.uri)
         log.info("MLflow run %s in %s; browse: %s, then open %s", logger.run_id, uri, ui_command(uri),
                  runs_page(logger.experiment_id, ui_base(uri)))
-        log.info("serve its model: %s", serve_command(logger.run_id, uri))
-    return model, metrics
+        if cfg.get("save_model", True):
+            log.info("serve its model: %s", serve_command(logger.run_id, uri))

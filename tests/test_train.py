@@ -373,3 +373,17 @@ def test_refit_off_leaves_a_runs_config_digest_as_it_was_without_the_switch(data
         del without["refit"]
     assert config_digest(cfg) == config_digest(without)  # a study's runs recorded without it still count as done
     assert config_digest(config(data_root, tmp_path, "refit=true")) != config_digest(cfg)
+
+
+def test_save_model_false_keeps_the_checkpoints_and_packages_no_model(data_root, tmp_path):
+    import cfae
+    from cfae.checks import UsageError
+
+    trained = cfae.fit(config(data_root, tmp_path, "save_model=false", "trainer.max_epochs=2"))
+    assert (tmp_path / "out" / "checkpoints" / "best.ckpt").is_file()
+    assert not (tmp_path / "out" / "model").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert "model" not in {a.path for a in client.list_artifacts(trained.run_id)}
+    assert "test/rmse" in client.get_run(trained.run_id).data.metrics
+    with pytest.raises(UsageError, match="save_model=false .* packaged none"):
+        cfae.load(trained.run_id, tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
