@@ -22,6 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping
 from torch import Tensor, nn
 
 from cfae.models.base import RatingModel, activation
@@ -177,15 +178,24 @@ class GLocalK(KernelAutoRec):
             for group in optimizer.param_groups:
                 if "max_iter" in group:
                     group["max_iter"] = self.finetune_max_iter
-            for callback in self.trainer.early_stopping_callbacks:  # fine-tuning is judged on its own curve
-                callback.best_score = torch.tensor(torch.inf if callback.mode == "min" else -torch.inf)
-                callback.wait_count = 0
 
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        if not self.fine_tuned and self.trainer is not None:
-            # Early stopping waits for the fine-tuning stage, then starts afresh with it (above): the
-            # callback's own counter and best score, EarlyStopping.wait_count and .best_score (tests/test_kernel.py
-            # fails if they stop meaning that). The checkpoint tested stays the best validation epoch of either.
-            for callback in self.trainer.early_stopping_callbacks:
-                callback.wait_count = 0
+    def configure_callbacks(self) -> list:
+        """Early stopping judges the fine-tuning stage only, on its own curve: Lightning puts this subclass in
+        place of the run's EarlyStopping, with its settings. The checkpoint tested stays the best validation
+        epoch of either stage."""
+        return [FineTuningEarlyStopping(monitor=c.monitor, mode=c.mode, patience=c.patience,
+                                        min_delta=abs(float(c.min_delta)), verbose=c.verbose)
+                for c in self.trainer.early_stopping_callbacks]
+
+
+class FineTuningEarlyStopping(EarlyStopping):
+    """Lightning's EarlyStopping, idle until GLocal-K fine-tunes: the pre-training epochs neither count against
+    its patience nor set the score fine-tuning must beat."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if pl_module.fine_tuned:
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if pl_module.fine_tuned:
+            super().on_validation_end(trainer, pl_module)
