@@ -28,7 +28,7 @@ CONF = next((p for p in (Path(__file__).resolve().parents[1] / "conf", Path(__fi
              if (p / "train.yaml").is_file()), Path(__file__).parent / "conf")
 
 # What the data and the optimizer group give every model (cfae/train.py): never a model config's to set.
-HANDED_OVER = {"n_inputs", "n_rows", "rating_min", "rating_max", "optimizer", "scheduler"}
+HANDED_OVER = {"n_inputs", "n_rows", "rating_min", "rating_max", "train_mean", "optimizer", "scheduler"}
 
 
 def layers(hidden: int | None, depth: int | None, *row: int) -> ListConfig:

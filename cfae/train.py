@@ -136,6 +136,7 @@ def build_model(cfg: DictConfig, datamodule, scheduled: bool = True) -> L.Lightn
     given = {"n_inputs": datamodule.n_cols}
     if not issubclass(cls, RankingModel):  # scores of clicks are not clipped to a scale
         given["rating_min"], given["rating_max"] = datamodule.rating_range
+        given["train_mean"] = float(datamodule.train_matrix.data.mean())
     if "n_rows" in inspect.signature(cls).parameters:
         given["n_rows"] = datamodule.n_rows
     if not cls.closed_form:
@@ -381,8 +382,10 @@ def fit_and_test(cfg: DictConfig, model, datamodule, logger,
     trainer, best, rates, metrics = train_on_validation(cfg, model, datamodule, logger, last)
     if cfg.get("refit"):  # the model tested, ranked and saved is then the one trained anew
         model, best = refitted(cfg, model, datamodule, best, rates, metrics)
-    tests = measured_on_test(cfg, trainer, model, datamodule, best)
+    tests = measured_on_test(trainer, model, datamodule, best)  # logged by the trainer, as it tests
     metrics.update(tests)
+    if cfg.get("ranking"):  # on the best checkpoint, which trainer.test has loaded into the model
+        metrics.update(ranked(cfg, model, datamodule))
     saved = save_model(model, datamodule, best, Path(cfg.output_dir)) if cfg.get("save_model", True) else None
     if logger:
         close_run(logger, cfg, metrics, logged=(*tests, cfg.task.objective), saved=saved)
@@ -430,14 +433,16 @@ def refitted(cfg: DictConfig, model, datamodule, best: str, rates: LearningRates
     return model, best
 
 
-def measured_on_test(cfg: DictConfig, trainer, model, datamodule, best: str) -> dict[str, float]:
-    """The test part's metrics of the `best` checkpoint: test/rmse and test/mae, or the rankings."""
-    metrics = {name: float(value) for name, value in
-               trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0].items()}
-    if cfg.get("ranking"):  # on the best checkpoint, which trainer.test has loaded into the model
-        ranking = evaluate_ranking(model, datamodule, **OmegaConf.to_container(cfg.ranking))
-        metrics.update({f"test/{k}": v for k, v in (ranking or {}).items()})
-    return metrics
+def measured_on_test(trainer, model, datamodule, best: str) -> dict[str, float]:
+    """The test part's metrics of the `best` checkpoint: test/rmse and test/mae (task=ranking: the rankings)."""
+    tested = trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
+    return {name: float(value) for name, value in tested.items()}
+
+
+def ranked(cfg: DictConfig, model, datamodule) -> dict[str, float]:
+    """A rating model's top-N metrics on the test part (`cfg.ranking`: Recall@K, NDCG@K)."""
+    ranking = evaluate_ranking(model, datamodule, **OmegaConf.to_container(cfg.ranking))
+    return {f"test/{k}": v for k, v in (ranking or {}).items()}
 
 
 def save_model(model, datamodule, best: str, output_dir: Path) -> Path:

@@ -189,7 +189,7 @@ def test_a_model_starts_at_the_training_ratings_mean_unless_resumed(make, data_r
     dm = RatingsDataModule(root=str(data_root), download=False, batch_size=16)
     dm.setup()
     mean = float(dm.train_matrix.data.mean())
-    started = make(dm.n_cols, optimizer=torch.optim.Adam)
+    started = make(dm.n_cols, optimizer=torch.optim.Adam, train_mean=mean)  # the data's mean, handed over
     L.Trainer(**unfit_args()).fit(started, datamodule=dm)  # setup, no step
     x = SparseRows.from_csr(dm.train_matrix, np.arange(dm.n_rows))
     with torch.no_grad():
@@ -198,7 +198,7 @@ def test_a_model_starts_at_the_training_ratings_mean_unless_resumed(make, data_r
     assert abs(float(predictions.mean()) - mean) < 0.2 and abs(mean - 3.0) > 0.3  # not the scale's middle
     bias = starting_value(started)
     assert torch.all(bias == mean)
-    untouched = make(dm.n_cols, optimizer=torch.optim.Adam, start_at_mean=False)
+    untouched = make(dm.n_cols, optimizer=torch.optim.Adam, start_at_mean=False, train_mean=mean)
     L.Trainer(**unfit_args()).fit(untouched, datamodule=dm)
     assert not torch.any(starting_value(untouched) == mean)
     with torch.no_grad():  # a resumed fit keeps the checkpoint's weights
@@ -206,7 +206,7 @@ def test_a_model_starts_at_the_training_ratings_mean_unless_resumed(make, data_r
     trainer = L.Trainer(**unfit_args())
     trainer.strategy.connect(started)
     trainer.save_checkpoint(tmp_path / "state.ckpt")
-    resumed = make(dm.n_cols, optimizer=torch.optim.Adam)
+    resumed = make(dm.n_cols, optimizer=torch.optim.Adam, train_mean=mean)
     L.Trainer(**unfit_args(max_epochs=2)).fit(resumed, datamodule=dm, ckpt_path=tmp_path / "state.ckpt")
     assert torch.all(starting_value(resumed) == 7.0)
 
@@ -228,6 +228,7 @@ def test_starting_at_the_mean_learns_faster(data_root):
     for start in (True, False):
         L.seed_everything(0)
         model = AutoRec(n_inputs=dm.n_cols, hidden_size=64, weight_decay=1e-3, start_at_mean=start,
+                        train_mean=float(dm.train_matrix.data.mean()),
                         optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
         rmse[start] = fit(model, dm, epochs=2)
     assert rmse[True] < 0.8 * rmse[False], rmse

@@ -93,6 +93,7 @@ class RatingModel(L.LightningModule):
         rating_max: float = 5.0,
         sampled_output: str | bool = "auto",  # outputs only at the cells needed (true), whole rows (false)
         start_at_mean: bool = True,  # the first predictions are the training ratings' mean (`start_at`)
+        train_mean: float | None = None,  # that mean, which the data decides (cfae.train.build_model gives it)
     ):
         super().__init__()
         # Every constructor argument (subclasses' too) into the checkpoint, so that `Model.load_from_checkpoint`
@@ -172,8 +173,8 @@ class RatingModel(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         # Lightning calls this before a resumed fit restores its weights, which then replace these
-        if stage == "fit" and self.start_at_mean and self.trainer.datamodule is not None:
-            self.start_at(float(self.trainer.datamodule.train_matrix.data.mean()))
+        if stage == "fit" and self.start_at_mean and self.hparams.get("train_mean") is not None:
+            self.start_at(self.hparams.train_mean)
 
     @torch.no_grad()
     def start_at(self, mean: float) -> None:
