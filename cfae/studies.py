@@ -89,9 +89,9 @@ class TrialReporting(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.trial is None:
             storage = database(self.storage_url)
-            pruner = optuna.load_study(study_name=self.study_name, storage=storage).user_attrs.get(PRUNER)
-            study = optuna.load_study(study_name=self.study_name, storage=storage,
-                                      pruner=instantiate(pruner) if pruner else optuna.pruners.NopPruner())
+            study = optuna.load_study(study_name=self.study_name, storage=storage)
+            pruner = study.user_attrs.get(PRUNER)
+            study.pruner = instantiate(pruner) if pruner else optuna.pruners.NopPruner()
             # Public BaseStorage methods: Optuna's Study has no way from a trial's number to the trial.
             trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(self.study_name),
                                                                        self.number)
