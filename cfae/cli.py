@@ -48,6 +48,13 @@ def _sweep(cfg: DictConfig) -> float | None:
         return None
 
 
+@hydra.main(config_path=str(CONF), config_name="train", version_base="1.3")
+def _study_run(cfg: DictConfig):
+    from cfae.study import run_one
+
+    return run_one(cfg)  # its metrics, or that it was stopped; an error goes to the study, which says it
+
+
 def train() -> None:
     """One run: `python train.py model=vae data.fold=3` (conf/train.yaml)."""
     quiet_libraries()  # before Hydra starts
@@ -58,6 +65,12 @@ def sweep() -> None:
     """An Optuna sweep: `python sweep.py -m model=deep hidden=300,500,750` (conf/sweep.yaml)."""
     quiet_libraries()  # before Hydra starts: the sweeper opens the stores before any job runs
     _sweep()
+
+
+def study_runs() -> None:
+    """A study's runs (`python -m cfae.study` builds the Hydra command line: hydra/sweeper=study)."""
+    quiet_libraries()  # before Hydra starts: the study opens the store before any run
+    _study_run()
 
 
 def _module(name: str):

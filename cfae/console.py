@@ -57,6 +57,21 @@ def quiet() -> Iterator[None]:
                 os.environ[ARTIFACT_BAR] = bar
 
 
+@contextlib.contextmanager
+def logging_kept() -> Iterator[None]:
+    """Put the process's logging back as it was once the block, which lets Hydra configure it (its handlers
+    write to the streams of that moment), returns: for a command called from Python (a test, a notebook)."""
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
+    saved = [(lg, lg.level, lg.handlers[:], lg.propagate, lg.disabled) for lg in loggers]
+    try:
+        yield
+    finally:
+        for lg, level, handlers, propagate, disabled in saved:
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+            lg.propagate, lg.disabled = propagate, disabled
+
+
 def quiet_benchmark() -> None:
     """For a script that runs train.py many times in its own process and prints its own lines: libraries
     quiet, cfae's and MLflow's logs errors only."""

@@ -1,4 +1,6 @@
-"""The process a run lives in: its identity, whether it is still alive, and its memory allocator's setting.
+"""The process a run lives in: its identity, whether it is still alive, its memory allocator's and OpenMP's
+settings, the machine it computes on and the commit of its code (git's process: the one cfae starts itself;
+Hydra's launchers start the runs' processes, as cfae/launch.py asks).
 
 Runs and trials carry the identity of the process that runs them (`host:pid:start`), so the next sweep or
 study on the same store can tell one that is still running from one whose process was killed (kill -9, out
@@ -11,6 +13,7 @@ import ctypes
 import os
 import platform
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -117,3 +120,16 @@ def device_clock(device=None) -> float:
 
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def git_commit() -> str:
+    """The commit of the cfae checkout, with '-dirty' if it has uncommitted changes; 'unknown' outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")

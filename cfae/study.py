@@ -4,52 +4,59 @@
     python -m cfae.study --name quick data=ml100k trainer.max_epochs=2 --folds 0,1
     python -m cfae.study --dry-run                         # list the runs and what is already done
     python -m cfae.study --config conf/study_kernels.yaml --only 'kernel_autorec/90-10/*'   # some runs only
-    python -m cfae.study --jobs 2                          # two runs at a time, one core (or one GPU) each
+    python -m cfae.study --jobs 2                          # two runs at a time, each with its share of the cores
     python -m cfae.study --only '*/80-20/*,fig*' --skip 'study_*'   # the 80:20 table and figures, tuned rows
+    python -m cfae.study --jobs 8 hydra/launcher=submitit_slurm hydra.launcher.partition=gpu   # on a cluster
 
-Each run is what `python train.py +experiment=<row> data.fold=<k> <overrides>` would do, run in this
-process (with `--jobs`, in worker processes), and becomes an MLflow run tagged `cfae.study=<name>`,
-`cfae.key=<what it is>` (for example `deep/80-20/fold3` or `fig3_latent_size/fold0/hidden=300`),
-`cfae.protocol` and `cfae.figure`. A run is
-done when the study has a FINISHED run with the same key and the same resolved configuration (the run's
-`cfae.config` digest: dataset, split, model, optimizer, trainer, ...), so a study that dies resumes where it
-stopped and changed settings are run anew; a run that fails is recorded (FAILED, with its error) and the
-study goes on. `python -m cfae.report` renders it.
+Each run is what `python train.py +experiment=<row> data.fold=<k> <overrides>` would do, and becomes an
+MLflow run tagged `cfae.study=<name>`, `cfae.key=<what it is>` (for example `deep/80-20/fold3` or
+`fig3_latent_size/fold0/hidden=300`), `cfae.protocol` and `cfae.figure`. A run is done when the study has a
+FINISHED run with the same key and the same resolved configuration (the run's `cfae.config` digest: dataset,
+split, model, optimizer, trainer, ...), so a study that dies resumes where it stopped and changed settings
+are run anew; a run that fails is recorded (FAILED, with its error) and the study goes on. `python -m
+cfae.report` renders it.
 
-With `--jobs N` the runs go N at a time, each in a process of its own with an equal share of the cores
-(`threads`) and, where there are GPUs, one of them. Where a run is this small (ML-1M on a CPU) most of an
-epoch's time is not parallel, so two one-core runs get through a study sooner than one two-core run at a
-time (benchmarks in docs/performance.md).
+The runs go through Hydra's launchers, as a sweep's trials do (cfae/launch.py): one at a time in this process
+(`hydra/launcher=basic`, the default), `--jobs N` at a time in worker processes (`joblib`, the default with
+`--jobs`), as jobs of their own (`submitit_local`, in batches of N), or on a SLURM cluster (`submitit_slurm`,
+in arrays of N). A local run gets its share of the cores or, where there are GPUs, one of them. A run whose
+process dies (killed, out of memory; with joblib the runs beside it die too) is closed FAILED and tried once
+more. Ctrl-C, SIGTERM or SIGHUP stops every run (state saved, MLflow run KILLED), wherever it runs, and starts
+no new one. Each run's log is in its folder (<output-dir>/<name>/<key>/run.log); the study's log has a line
+as each run starts and ends.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import collections
 import fnmatch
 import logging
-import multiprocessing
-import os
-import queue
 import shlex
 import signal
+import socket
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cfae.checks import check_config, reported_in_one_line
-from cfae.configs import CONF, compose
-from cfae.console import quiet_benchmark, quiet_libraries
+from cfae import launch
+from cfae.checks import ConfigError, check_config, reported_in_one_line
+from cfae.configs import CONF
+from cfae.console import logging_kept
 from cfae.metrics import FIT_SECONDS, headline
-from cfae.processes import keep_freed_memory, openmp_spins_briefly, usable_cores
+from cfae.processes import has_died, keep_freed_memory
 from cfae.tracking import close_dead_runs, config_digest, finished_study_runs, mlflow_client
-from cfae.train import train
 
 log = logging.getLogger("cfae.study")
+
+TRIES = 2  # a run whose process died is tried once more
 
 
 @dataclass
@@ -89,19 +96,25 @@ def figure_runs(study: DictConfig, folds: list[int], overrides: list[str], proto
     return runs
 
 
-def compose_run(run: Run, name: str, overrides: list[str], output_root: Path, command: str = "") -> DictConfig:
-    """The run's training config, as train.py would compose it, with the study's tags on its logger. The
-    run's own overrides (fold, protocol, the figure's knob) come last: they win over the study-wide ones."""
-    output_dir = output_root / run.key.replace("=", "-")
-    # its checkpoints, not a packaged model (12 MB a run on ML-1M), unless the command says save_model=true
-    cfg = compose(f"+experiment={run.experiment}", "save_model=false", *overrides, *run.overrides,
-                  f"output_dir={output_dir}")
-    with open_dict(cfg):
-        if not cfg.get("logger"):
-            raise SystemExit("the study records its runs in MLflow: drop logger=none")
-        cfg.logger.tags = {**(cfg.logger.get("tags") or {}), **run.tags, "cfae.study": name, "cfae.key": run.key,
-                           "cfae.command": command}
-    return cfg
+def matches(key: str, patterns: str) -> bool:
+    """Whether a run key matches one of comma-separated shell patterns."""
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns.split(","))
+
+
+
+def planned(config: str, folds: str | None = None, only: str | None = None, skip: str | None = None) -> list[Run]:
+    """The runs of the plan at `config`, on the comma-separated `folds` (default: the plan's), those whose key
+    matches a pattern of `only` and none of `skip`."""
+    runs = plan(OmegaConf.load(config), [int(f) for f in folds.split(",")] if folds else None)
+    if only:
+        runs = [r for r in runs if matches(r.key, only)]
+        if not runs:
+            raise ConfigError(f"--only {only}: no run of {config} has a key like that")
+    if skip:
+        runs = [r for r in runs if not matches(r.key, skip)]
+        if not runs:
+            raise ConfigError(f"--skip {skip}: it leaves no run of {config} to run")
+    return runs
 
 
 def finished(name: str, uri: str | None, experiment_name: str) -> set[tuple[str, str]]:
@@ -112,215 +125,247 @@ def finished(name: str, uri: str | None, experiment_name: str) -> set[tuple[str,
             finished_study_runs(client, experiment_id, name)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. data=ml100k")
-    parser.add_argument("--config", default=str(CONF / "study.yaml"), help="the study's plan")
-    parser.add_argument("--name", help="the study's name in MLflow (default: the plan's)")
-    parser.add_argument("--folds", help="comma-separated folds (default: the plan's)")
-    parser.add_argument("--only", help="comma-separated patterns of run keys, e.g. 'kernel_autorec/90-10/*'")
-    parser.add_argument("--skip", help="comma-separated patterns of run keys to leave out, e.g. 'study_*'")
-    parser.add_argument("--output-dir", default="outputs/study", help="checkpoints and configs, per run")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at a time, each in its own process with an equal share of the cores (default 1)")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
-    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the options
-    if args.jobs < 1:
-        parser.error(f"--jobs {args.jobs}: give 1 or more runs at a time")
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
-    quiet_libraries()
-    study = OmegaConf.load(args.config)
-    name = args.name or study.name
-    runs = plan(study, [int(f) for f in args.folds.split(",")] if args.folds else None)
-    if args.only:
-        runs = [r for r in runs if matches(r.key, args.only)]
-        if not runs:
-            parser.error(f"--only {args.only}: no run of {args.config} has a key like that")
-    if args.skip:
-        runs = [r for r in runs if not matches(r.key, args.skip)]
-        if not runs:
-            parser.error(f"--skip {args.skip}: it leaves no run of {args.config} to run")
-    command = shlex.join(["python", "-m", "cfae.study", *(argv if argv is not None else sys.argv[1:])])
-    configs = [compose_run(r, name, args.overrides, Path(args.output_dir) / name, command) for r in runs]
-    with reported_in_one_line():  # a bad value is refused before the first run, not in every run
-        for cfg in configs:
-            check_config(cfg)
-        done = finished(name, configs[0].logger.uri, configs[0].logger.experiment_name)
-    is_done = [(r.key, config_digest(c)) in done for r, c in zip(runs, configs)]
-    todo = [(r, c) for r, c, d in zip(runs, configs, is_done) if not d]
-    log.info("study %r: %d runs, %d already finished, %d to run", name, len(runs), len(runs) - len(todo), len(todo))
-    report = shlex.join(["python", "-m", "cfae.report", "--study", name,
-                         *(["--uri", configs[0].logger.uri] if configs[0].logger.uri else [])])
-    if args.dry_run:
-        for r, d in zip(runs, is_done):
-            print(f"{'done' if d else 'todo'}  {r.key}  +experiment={r.experiment} {' '.join(r.overrides)}")
-        log.info("dry run: %d runs to run; without --dry-run they run, then %s renders the study", len(todo), report)
-        return 0
-    if configs[0].keep_freed_memory:
-        keep_freed_memory()
-    openmp_spins_briefly()  # for the workers' torch (this process's is loaded already)
-    start = time.perf_counter()
-    failed = run_in_parallel(todo, args.jobs) if args.jobs > 1 and todo else run_in_turn(todo)
-    log.info("study %r: %d runs in %.1f min, %d failed%s", name, len(todo), (time.perf_counter() - start) / 60,
-             len(failed), f": {', '.join(failed)}" if failed else "")
-    log.info("its table and figures: %s", report)
-    return 1 if failed else 0
-
-
-def matches(key: str, patterns: str) -> bool:
-    """Whether a run key matches one of comma-separated shell patterns."""
-    return any(fnmatch.fnmatchcase(key, p) for p in patterns.split(","))
-
-
 def progress(done: int, total: int, start: float) -> str:
     elapsed = time.perf_counter() - start
     eta = f", about {elapsed / done * (total - done) / 60:.0f} min left" if done else ""
     return f"{elapsed / 60:.0f} min so far{eta}"
 
 
-def run_in_turn(todo: list[tuple[Run, DictConfig]]) -> list[str]:
-    """Each run in this process, one after the other; the keys of those that failed."""
-    failed, start = [], time.perf_counter()
-    for i, (run, cfg) in enumerate(todo, 1):
-        log.info("[%d/%d] %s (%s)", i, len(todo), run.key, progress(i - 1, len(todo), start))
-        try:
-            train(cfg)
-        except Exception as err:  # recorded as FAILED in MLflow by train(); the study goes on
-            log.error("%s failed: %s: %s", run.key, type(err).__name__, err)
-            failed.append(run.key)
-    return failed
+class StudySweeper(Sweeper):
+    """The study as a Hydra sweeper (`hydra/sweeper=study`, conf/hydra/sweeper/study.yaml; `main` sets its keys
+    from the command line): the plan's runs not yet done, handed to the launcher in batches."""
 
+    def __init__(self, plan: str, name: str, folds: str | None, only: str | None, skip: str | None,
+                 jobs: int | None, dry_run: bool, command: str):
+        self.plan_path, self.name, self.folds, self.only, self.skip = plan, name, folds, only, skip
+        self.jobs, self.dry_run, self.command = jobs, dry_run, command
 
-def run_in_parallel(todo: list[tuple[Run, DictConfig]], jobs: int) -> list[str]:
-    """The runs `jobs` at a time, each worker process with cores // jobs threads and, where there are GPUs,
-    one of them; the keys of those that failed. A worker that dies (killed, out of memory) fails its run and
-    is replaced. Ctrl-C, SIGTERM or SIGHUP stops every run as train.py stops one (state saved, MLflow run
-    KILLED) and takes no more."""
-    import torch
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
 
-    jobs = min(jobs, len(todo))
-    threads, n_gpus = max(1, usable_cores() // jobs), torch.cuda.device_count()
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # the GPUs this study may use, as the study was given them
-    gpus = visible.split(",")[:n_gpus] if visible else [str(i) for i in range(n_gpus)]
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch thread pools
-    tasks, results, stopping = context.Queue(), context.Queue(), context.Event()
-    for run, cfg in todo:
+        self.config, self.hydra_context = config, hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
+                                                                task_function=task_function)
+        self.stop_file = Path(config.hydra.sweep.dir).resolve() / f".stop-{socket.gethostname()}-{id(self)}"
+        self.job_idx = 0
+
+    def sweep(self, arguments: list[str]) -> None:
+        with reported_in_one_line():  # a bad value is refused before the first run, not in every run
+            if not self.config.get("logger"):
+                raise ConfigError("logger=none: the study records its runs in MLflow; drop logger=none")
+            runs = planned(self.plan_path, self.folds, self.only, self.skip)
+            jobs = {r.key: self.job_overrides(r, arguments) for r in runs}
+            digests = {key: self.checked_digest(overrides) for key, overrides in jobs.items()}
+            done = finished(self.name, self.config.logger.uri, self.config.logger.experiment_name)
+        todo = [r for r in runs if (r.key, digests[r.key]) not in done]
+        log.info("study %r: %d runs, %d already finished, %d to run", self.name, len(runs), len(runs) - len(todo),
+                 len(todo))
+        logger = self.config.logger
+        report = shlex.join(["python", "-m", "cfae.report", "--study", self.name,
+                             *(["--uri", logger.uri] if logger.uri else [])])
+        if self.dry_run:
+            for r in runs:
+                print(f"{'todo' if r in todo else 'done'}  {r.key}  +experiment={r.experiment} {' '.join(r.overrides)}")
+            log.info("dry run: %d runs to run; without --dry-run they run, then %s renders the study", len(todo),
+                     report)
+            return
+        start = time.perf_counter()
+        failed, stopped = self.run_all(todo, jobs)
+        log.info("study %r: %d runs in %.1f min, %d failed%s%s", self.name, len(todo),
+                 (time.perf_counter() - start) / 60, len(failed), f": {', '.join(failed)}" if failed else "",
+                 f"; stopped by {stopped.name}" if stopped else "")
+        log.info("its table and figures: %s", report)
+        if stopped or failed:
+            raise SystemExit(128 + stopped if stopped else 1)
+
+    def job_overrides(self, run: Run, arguments: list[str]) -> list[str]:
+        """The run as its job's overrides: `train.py`'s, the study's tags on its MLflow run, its folder and the
+        file that stops it. Its own overrides (fold, protocol, the figure's knob) come after the command's:
+        they win. Its checkpoints, not a packaged model (12 MB a run on ML-1M), unless the command says
+        save_model=true."""
+        tags = {**run.tags, "cfae.study": self.name, "cfae.key": run.key, "cfae.command": self.command}
+        return [f"+experiment={run.experiment}", "save_model=false", *arguments, *run.overrides,
+                "++logger.tags={" + ",".join(f"{k}:{launch.quoted(v)}" for k, v in tags.items()) + "}",
+                f"hydra.sweep.subdir={launch.quoted(run.key.replace('=', '-'))}", "trainer.enable_progress_bar=false",
+                f"++callbacks.study_stop={{_target_:cfae.launch.StopWhenAsked,path:{launch.quoted(self.stop_file)}}}"]
+
+    def checked_digest(self, overrides: list[str]) -> str:
+        """The run's config, composed as its launcher will compose it, checked; its digest."""
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        HydraConfig.instance().set_config(cfg)  # what ${hydra:...} resolves against, as a launcher sets it
         with open_dict(cfg):
-            cfg.threads = cfg.get("threads") or threads
-            cfg.trainer.enable_progress_bar = False  # one progress line per run from here instead
-        tasks.put((run.key, cfg))
-    # Runs still queued when the study is stopped are never read: without this, exiting would wait for ever
-    # to push them into a pipe no worker reads.
-    tasks.cancel_join_thread()
-    configs = {run.key: cfg for run, cfg in todo}
-    workers: dict[int, multiprocessing.Process] = {}
+            del cfg["hydra"]
+        check_config(cfg)
+        return config_digest(cfg)
 
-    def start_worker(slot: int) -> None:
-        tasks.put(None)  # its stop sign, behind every run (a spare one, left by a worker that died, is harmless)
-        gpu = gpus[slot % len(gpus)] if gpus else None
-        workers[slot] = context.Process(target=work, args=(tasks, results, stopping, gpu), name=f"cfae-study-{slot}")
-        workers[slot].start()
+    def batch_size(self, n: int) -> int:
+        """How many of the `n` runs left go to the launcher at once: one for the basic launcher (the study sees
+        each end); for joblib all on CPUs (it starts them `n_jobs` at a time as workers free up), its `n_jobs`
+        with GPUs (a GPU each is given batch by batch); for submitit `--jobs` (its local launcher starts a
+        batch at once), or all."""
+        launcher = self.config.hydra.launcher
+        if launch.in_this_process(launcher):
+            return 1
+        if launcher.get("_target_", "").endswith("JoblibLauncher"):
+            import torch
 
-    running: dict[int, str] = {}  # worker pid -> key of its run
-    started, ended, failed, start = set(), set(), [], time.perf_counter()
+            return launch.local_parallelism(launcher, n) if torch.cuda.device_count() else n
+        return min(n, self.jobs or n)
 
-    def handle(pid: int, key: str, outcome) -> None:
-        if outcome is None:
-            running[pid] = key
-            started.add(key)
-            log.info("[%d/%d] %s started (%s)", len(started), len(todo), key, progress(len(ended), len(todo), start))
-            return
-        running.pop(pid, None)
-        ended.add(key)
-        if isinstance(outcome, str):
-            log.error("%s failed: %s", key, outcome)
-            failed.append(key)
-        else:
-            log.info("%s done in %.0f s: %s", key, outcome[FIT_SECONDS], headline(outcome))
+    def run_all(self, todo: list[Run], jobs: dict[str, list[str]]) -> tuple[list[str], signal.Signals | None]:
+        """Every run of `todo`, through the launcher: (the keys of those that failed, the signal that stopped the
+        study, if one did)."""
+        queue, tries, failed, ended, start = list(todo), collections.Counter(), [], 0, time.perf_counter()
+        in_this_process = launch.in_this_process(self.config.hydra.launcher)
+        with launch.stopped_by_signals(self.stop_file) as signalled:
+            while queue and not signalled():
+                size = self.batch_size(len(queue))
+                batch, queue = queue[:size], queue[size:]
+                since = int(time.time() * 1000)
+                where = launch.placement(self.config.hydra.launcher, len(batch))
+                try:
+                    returns = self.launcher.launch([[*jobs[r.key], *w] for r, w in zip(batch, where)],
+                                                   initial_job_idx=self.job_idx)
+                    outcomes = [outcome(ret) for ret in returns]
+                except Exception as err:  # a worker died and took its launcher's pool down (joblib, submitit)
+                    log.error("the launcher lost its jobs: %s", str(err).strip().splitlines()[0])
+                    outcomes = self.outcomes_in_store(batch, since)
+                self.job_idx += len(batch)
+                for run, result in zip(batch, outcomes):
+                    if result is None:  # never started
+                        queue.append(run)
+                        continue
+                    if result == DIED:
+                        tries[run.key] += 1
+                        if tries[run.key] < TRIES:
+                            log.warning("%s: its process died; it is tried again", run.key)
+                            queue.append(run)
+                            continue
+                        log.error("%s failed: its process died, %d times", run.key, tries[run.key])
+                        failed.append(run.key)
+                    elif isinstance(result, launch.Stopped):
+                        if in_this_process:  # the signal came to the study itself
+                            return failed, result.signal
+                        if result.signal is not None and not signalled():  # someone stopped this run alone
+                            failed.append(run.key)
+                    elif isinstance(result, BaseException):
+                        log.error("%s failed: %s: %s", run.key, type(result).__name__, result)
+                        failed.append(run.key)
+                    ended += 1
+                log.info("%d of %d runs ended (%s)", ended, len(todo), progress(ended, len(todo), start))
+            return failed, signalled()
 
-    with stopped_together(workers, stopping):
-        for slot in range(jobs):
-            start_worker(slot)
-        restarts = 0
-        while len(ended) < len(todo):
-            try:
-                handle(*results.get(timeout=1))
-                continue
-            except queue.Empty:
-                pass
-            dead = [(slot, w) for slot, w in workers.items() if not w.is_alive()]
-            with contextlib.suppress(queue.Empty):  # what the dead said before they died comes first
-                while True:
-                    handle(*results.get_nowait())
-            for slot, worker in dead:
-                del workers[slot]
-                key = running.pop(worker.pid, None)
-                if worker.exitcode == 0:  # took its stop sign after its last run
-                    continue
-                if key is not None and key not in ended:  # killed during a run: its MLflow run FAILED now
-                    log.error("%s failed: its process died (exit code %s)", key, worker.exitcode)
-                    ended.add(key)
-                    failed.append(key)
-                    logger = configs[key].logger
-                    close_dead_runs(*mlflow_client(logger.uri, logger.experiment_name))
-                if restarts < len(todo):  # not for ever if workers die on their own, before any run
-                    restarts += 1
-                    start_worker(slot)
-            if not workers:
-                break
-    never = [run.key for run, _ in todo if run.key not in started]
-    if never:  # a worker died between taking a run and starting it
-        log.error("%d runs were never started: %s", len(never), ", ".join(never))
-    return failed + [key for key in never if key not in failed]
+    def outcomes_in_store(self, batch: list[Run], since: int) -> list:
+        """How each run of a batch whose launcher failed ended, from the MLflow store, once the batch's runs still
+        alive on this machine have ended: its metrics (FINISHED), STOPPED (KILLED), DIED (its process died),
+        its error (FAILED), or None (never started; or still running elsewhere)."""
+        client, experiment_id = mlflow_client(self.config.logger.uri, self.config.logger.experiment_name)
+        query = f"tags.`cfae.study` = '{self.name}' and attributes.start_time >= {since}"
+        here = socket.gethostname() + ":"
+        while any(r.info.status == "RUNNING" and r.data.tags.get("cfae.process", "").startswith(here)
+                  and not has_died(r.data.tags["cfae.process"]) for r in client.search_runs([experiment_id], query)):
+            time.sleep(1)
+        close_dead_runs(client, experiment_id)
+        newest = {}
+        for r in client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"]):
+            newest[r.data.tags.get("cfae.key")] = r
+        outcomes = []
+        for run in batch:
+            r = newest.get(run.key)
+            error = r.data.tags.get("error", "") if r else ""
+            if r is None or r.info.status == "RUNNING":
+                outcomes.append(None)
+            elif r.info.status in ("FINISHED", "KILLED"):
+                outcomes.append(r.data.metrics if r.info.status == "FINISHED" else launch.Stopped(signal.SIGTERM))
+            else:
+                outcomes.append(DIED if error.startswith("its process (") else RuntimeError(error))
+        return outcomes
 
 
-@contextlib.contextmanager
-def stopped_together(workers: dict, stopping) -> Iterator[None]:
-    """Ctrl-C, SIGTERM or SIGHUP (once; more are ignored) stops the workers' runs, each saving its state and
-    ending KILLED, then the study; so does an error in the study itself. The workers are waited for."""
+DIED = "died"  # how a run ended whose process died before it could close it
 
-    def stop(signum, frame) -> None:
-        for s in handled:
-            signal.signal(s, signal.SIG_IGN)
-        raise SystemExit(128 + signum)
 
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.signal(s, stop) for s in handled}
+def outcome(ret: JobReturn):
+    """What a job returned (a run's metrics, or STOPPED), or the exception it raised."""
     try:
-        yield
-    except BaseException:
-        stopping.set()  # take no more runs
-        for worker in workers.values():
-            if worker.is_alive():
-                os.kill(worker.pid, signal.SIGTERM)
+        return ret.return_value  # raises the job's exception
+    except Exception as err:
+        return err
+
+
+def run_one(cfg: DictConfig) -> dict[str, float] | launch.Stopped:
+    """A study's run, in the job its launcher gave it: trained as train.py trains one, a line to the study's log as
+    it starts and ends; STOPPED if the study is stopping (it does not start) or a signal stopped it (KILLED)."""
+    from cfae.console import quiet_libraries
+    from cfae.train import train
+
+    key, stop = cfg.logger.tags["cfae.key"], cfg.callbacks.get("study_stop")
+    if stop is not None and Path(stop.path).exists():
+        return launch.Stopped()
+    quiet_libraries()
+    if cfg.keep_freed_memory:
+        keep_freed_memory()
+    log.info("%s started", key)
+    try:
+        metrics = train(cfg)
+    except SystemExit as err:
+        if isinstance(err.code, int) and err.code > 128:
+            signum = signal.Signals(err.code - 128)
+            log.warning("%s stopped by %s", key, signum.name)
+            return launch.Stopped(signum)
         raise
+    log.info("%s done in %.0f s: %s", key, metrics[FIT_SECONDS], headline(metrics))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. data=ml100k; "
+                                                     "hydra/launcher=... picks where the runs go")
+    parser.add_argument("--config", default=str(CONF / "study.yaml"), help="the study's plan")
+    parser.add_argument("--name", help="the study's name in MLflow (default: the plan's)")
+    parser.add_argument("--folds", help="comma-separated folds (default: the plan's)")
+    parser.add_argument("--only", help="comma-separated patterns of run keys, e.g. 'kernel_autorec/90-10/*'")
+    parser.add_argument("--skip", help="comma-separated patterns of run keys to leave out, e.g. 'study_*'")
+    parser.add_argument("--output-dir", default="outputs/study", help="checkpoints, configs and logs, per run")
+    parser.add_argument("--jobs", type=int, help="runs at a time (default: 1, or what the launcher given says; "
+                                                 "more than 1: hydra/launcher=joblib unless another is given)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the options
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: give 1 or more runs at a time")
+    if not Path(args.config).is_file():
+        parser.error(f"--config {args.config}: no such file")
+    try:
+        planned(args.config, args.folds, args.only, args.skip)
+    except ConfigError as err:
+        parser.error(str(err))
+    overrides = list(args.overrides)
+    launcher = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra/launcher=")), None)
+    if launcher is None and (args.jobs or 1) > 1:
+        launcher = "joblib"
+        overrides.append("hydra/launcher=joblib")
+    if launcher == "joblib" and args.jobs and not any(o.startswith("hydra.launcher.n_jobs=") for o in overrides):
+        overrides.append(f"hydra.launcher.n_jobs={args.jobs}")
+    if launcher == "basic" and (args.jobs or 1) > 1:
+        parser.error(f"--jobs {args.jobs}: hydra/launcher=basic runs one at a time")
+    name = args.name or OmegaConf.load(args.config).name
+    command = shlex.join(["python", "-m", "cfae.study", *(argv if argv is not None else sys.argv[1:])])
+    settings = {"plan": str(Path(args.config).resolve()), "name": name, "folds": args.folds, "only": args.only,
+                "skip": args.skip, "jobs": args.jobs, "dry_run": args.dry_run, "command": command}
+    study = [f"hydra.sweeper.{k}={'null' if v is None else launch.quoted(v) if isinstance(v, str) else v}"
+             for k, v in settings.items()]
+    from cfae.cli import study_runs
+
+    argv_before, sys.argv = sys.argv, ["cfae study", "--multirun", "hydra/sweeper=study", "hydra/job_logging=study",
+                                       "hydra/hydra_logging=study", *study,
+                                       f"hydra.sweep.dir={launch.quoted(Path(args.output_dir) / name)}", *overrides]
+    try:
+        with logging_kept():  # for a caller in Python; a command's process ends here anyway
+            study_runs()
     finally:
-        for worker in workers.values():
-            worker.join()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def work(tasks, results, stopping, gpu: str | None) -> None:
-    """A worker process: runs (key, cfg) from `tasks` until a stop sign or the study's stop, telling
-    `results` when each starts (pid, key, None) and how it ended: (pid, key, metrics) or (pid, key, "error")."""
-    os.setpgrp()  # out of the terminal's process group: Ctrl-C reaches the study, which stops each run once
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before CUDA starts in this process
-    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s][%(name)s] %(message)s")
-    quiet_benchmark()  # the study prints each run's start and end; a worker only its warnings and errors
-    logging.getLogger("cfae").setLevel(logging.WARNING)
-    study = os.getppid()
-    for key, cfg in iter(tasks.get, None):
-        if stopping.is_set() or os.getppid() != study:  # stopped, or the study was killed outright
-            return
-        if cfg.keep_freed_memory:
-            keep_freed_memory()
-        results.put((os.getpid(), key, None))
-        try:
-            results.put((os.getpid(), key, train(cfg)))
-        except Exception as err:  # recorded as FAILED in MLflow by train()
-            results.put((os.getpid(), key, f"{type(err).__name__}: {err}"))
+        sys.argv = argv_before
+    return 0
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import signal
 import tempfile
 from collections.abc import Callable, Sequence
@@ -34,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import optuna
-import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, Transformer
 from hydra.core.plugins import Plugins
@@ -46,12 +44,12 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.samplers import BaseSampler
 from optuna.trial import TrialState
 
-from cfae import studies
+from cfae import launch, studies
 from cfae.checks import ConfigError, check_config, check_knob, refused_up_front, reported_in_one_line
 from cfae.metrics import VAL_RMSE_BEST
-from cfae.processes import this_process
+from cfae.processes import git_commit, this_process
 from cfae.stores import store_lock
-from cfae.tracking import close_dead_runs, git_commit, mlflow_client, run_page, tracking_uri, ui_base, ui_command
+from cfae.tracking import close_dead_runs, mlflow_client, run_page, tracking_uri, ui_base, ui_command
 
 log = logging.getLogger(__name__)
 
@@ -151,28 +149,7 @@ class PerTrialSeeds(BaseSampler):
         self.sampler.after_trial(study, trial, state, values)
 
 
-# -- placing jobs --------------------------------------------------------------------------------------------
-def device_overrides(batch_size: int, n_gpus: int, n_cpus: int, parallel: int | None = None) -> list[tuple[str, ...]]:
-    """Overrides placing each trial of a batch whose jobs run `parallel` at a time (default: all at once):
-    one GPU each, round robin, when there are GPUs, else an equal share of the CPU cores."""
-    parallel = min(batch_size, parallel or batch_size)
-    if n_gpus > 0:
-        return [("trainer.accelerator=gpu", f"trainer.devices=[{i % n_gpus}]") for i in range(batch_size)]
-    return [("trainer.accelerator=cpu", f"threads={max(1, n_cpus // parallel)}")] * batch_size
-
-
-def local_parallelism(launcher: DictConfig) -> int | None:
-    """How many jobs a launcher runs at once on this machine; None for launchers that place jobs on
-    other machines (submitit, Ray), where the cluster assigns devices and cfae leaves placement alone."""
-    target = launcher.get("_target_", "")
-    if target.endswith("BasicLauncher"):
-        return 1
-    if target.endswith("JoblibLauncher"):
-        n_jobs = launcher.get("n_jobs", -1)
-        return os.cpu_count() or 1 if n_jobs in (None, -1) else n_jobs
-    return None
-
-
+# -- the trials' jobs ------------------------------------------------------------------------------------------
 def trial_callback(study: str, storage: str, number: int, parent_run_id: str | None) -> list[str]:
     """The override that gives a trial's job its `TrialReporting` callback (cfae/studies.py): all a training run
     is told of its sweep."""
@@ -320,7 +297,7 @@ class OptunaSweep(Sweeper):
             return [studies.ask(study, distributions) for _ in range(n)]
 
     def run_batch(self, study, trials: list[optuna.Trial], fixed: list[str], parent: str | None) -> None:
-        placement = self.placement(len(trials))
+        placement = launch.placement(self.config.hydra.launcher, len(trials))
         overrides = [(*fixed, *(f"{name}={value}" for name, value in trial.params.items()),
                       *trial_callback(self.study_name, self.storage_url, trial.number, parent), *where)
                      for trial, where in zip(trials, placement)]
@@ -357,12 +334,6 @@ class OptunaSweep(Sweeper):
         if self.n_told >= 4 and self.n_failed / self.n_told > self.max_failure_rate:
             raise RuntimeError(f"{self.n_failed} of {self.n_told} trials failed, more than "
                                f"max_failure_rate={self.max_failure_rate}: stopping the sweep")
-
-    def placement(self, batch_size: int) -> list[tuple[str, ...]]:
-        parallel = local_parallelism(self.config.hydra.launcher)
-        if parallel is None:
-            return [()] * batch_size
-        return device_overrides(batch_size, torch.cuda.device_count(), os.cpu_count() or 1, parallel)
 
     def start_parent_run(self) -> str:
         client, experiment_id = mlflow_client(self.tracking_uri)

@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -224,8 +223,10 @@ def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
 
 # Keys that change where a run writes or how it reports, never what it computes.
 NOT_THE_RESULT = ("output_dir", "logger", "resume", "threads", "keep_freed_memory", "checkpoint_every_s",
-                  "save_model", "callbacks.optuna_trial", "choices", "trainer.enable_progress_bar", "data.root",
-                  "data.download", "data.num_workers")
+                  "save_model", "callbacks.optuna_trial", "callbacks.study_stop", "choices",
+                  "trainer.enable_progress_bar", "data.root", "data.download", "data.num_workers")
+# Which device computes it, left out once resolved: the numbers' precision, which the device decides, stays.
+THE_DEVICE = ("trainer.accelerator", "trainer.devices")
 # Top-level switches left out of the digest while they are off: a run with one off computes what a run
 # without the switch computes, so a store's runs keep counting as done.
 OFF_IS_THE_RESULT = {"refit": False}
@@ -233,35 +234,27 @@ OFF_IS_THE_RESULT = {"refit": False}
 
 def config_digest(cfg: DictConfig) -> str:
     """A short hash of the resolved configuration that decides a run's result: dataset, split, model,
-    optimizer, trainer and the rest, without where it writes (`NOT_THE_RESULT`)."""
+    optimizer, trainer and the rest, without where it writes (`NOT_THE_RESULT`) nor which device computes it."""
     config = OmegaConf.to_container(cfg, resolve=False)  # dropped first: output_dir may need Hydra to resolve
-    for key in NOT_THE_RESULT:
+    _drop(config, NOT_THE_RESULT)
+    for key, off in OFF_IS_THE_RESULT.items():
+        if config.get(key) == off:
+            config.pop(key)
+    resolved = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+    _drop(resolved, THE_DEVICE)
+    return hashlib.sha256(OmegaConf.to_yaml(resolved).encode()).hexdigest()[:16]
+
+
+def _drop(config: dict, keys: tuple[str, ...]) -> None:
+    for key in keys:
         *parents, leaf = key.split(".")
         node = config
         for parent in parents:
             node = node.get(parent) or {}
         node.pop(leaf, None)
-    for key, off in OFF_IS_THE_RESULT.items():
-        if config.get(key) == off:
-            config.pop(key)
-    resolved = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
-    return hashlib.sha256(OmegaConf.to_yaml(resolved).encode()).hexdigest()[:16]
 
 
 def finished_study_runs(client: MlflowClient, experiment_id: str, study: str) -> list:
     """The FINISHED runs of `python -m cfae.study` run under the name `study`, oldest first."""
     return client.search_runs([experiment_id], f"tags.`cfae.study` = '{study}' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time ASC"], max_results=50_000)
-
-
-def git_commit() -> str:
-    """The commit of the cfae checkout, with '-dirty' if it has uncommitted changes; 'unknown' outside git."""
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("-dirty" if dirty else "")

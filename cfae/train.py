@@ -40,13 +40,12 @@ from cfae.metrics import (
     headline,
 )
 from cfae.models import RankingModel
-from cfae.processes import machine, usable_cores
+from cfae.processes import git_commit, machine, usable_cores
 from cfae.ranking import evaluate_ranking
 from cfae.recommender import ARTIFACT, Recommender
 from cfae.serving import MODEL
 from cfae.tracking import (
     config_digest,
-    git_commit,
     log_dataset,
     mlflow_client,
     runs_page,

@@ -202,50 +202,95 @@ def test_sigterm_or_ctrl_c_saves_the_state_ends_the_run_killed_and_exits_non_zer
     assert last_checkpoints(tmp_path)[0].stat().st_mtime_ns > written  # saved again on the way out
 
 
+def study_runs(cwd: Path) -> dict[str, list]:
+    """The study's MLflow runs by row, oldest first."""
+    by_row: dict[str, list] = {}
+    for r in sorted(mlflow_runs(cwd), key=lambda r: r.info.start_time):
+        by_row.setdefault(r.data.tags["cfae.key"].split("/")[0], []).append(r)
+    return by_row
+
+
+def start_study(cwd: Path, data_root: Path, log: Path, *args: str) -> subprocess.Popen:
+    (cwd / "plan.yaml").write_text("name: pair\nfolds: [0]\nrows: [autorec, svd, denoising]\n"
+                                   "protocols: {'80-20': {overrides: []}}\nfigure_folds: [0]\n"
+                                   "figures: {fig3_latent_size: {experiment: autorec, knob: hidden, "
+                                   "values: [8, 9, 10, 11, 12, 13]}}\n")
+    with log.open("a") as out:  # read while it runs: each step waits for what the study says it did
+        return subprocess.Popen([sys.executable, "-m", "cfae.study", "--config", "plan.yaml", "--output-dir", "out",
+                                 *args, "--", *LONG], cwd=cwd, env=environment(data_root), stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+
+
+def epoch_done(cwd: Path, row: str) -> bool:
+    return bool(list(cwd.glob(f"out/pair/{row}/*/*/checkpoints/last.ckpt")))
+
+
 @pytest.mark.slow
-def test_a_study_running_two_at_a_time_survives_a_killed_worker_and_stops_every_run_on_sigterm(data_root, tmp_path):
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_a_study_on_a_parallel_launcher_survives_a_killed_worker_and_stops_every_run_on_sigterm(
+        launcher, data_root, tmp_path):
     from cfae.processes import has_died
 
-    sizes = ", ".join(str(n) for n in range(8, 48))  # 40 runs still queued when it is stopped: more than a pipe holds
-    (tmp_path / "plan.yaml").write_text("name: pair\nfolds: [0]\nrows: [autorec, denoising, svd]\n"
-                                        "protocols: {'80-20': {overrides: []}}\nfigure_folds: [0]\n"
-                                        f"figures: {{fig3_latent_size: {{experiment: autorec, knob: hidden, "
-                                        f"values: [{sizes}]}}}}\n")
-    log = tmp_path / "study.log"  # read while it runs: each step waits for what the study says it did
-    with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "cfae.study", "--config", "plan.yaml", "--jobs", "2",
-                                    "--output-dir", "out", "--", *LONG], cwd=tmp_path, env=environment(data_root),
-                                   stdout=out, stderr=subprocess.STDOUT, text=True)
-
-    def said() -> str:
-        return log.read_text()
+    log = tmp_path / "study.log"
+    process = start_study(tmp_path, data_root, log, "--jobs", "2", f"hydra/launcher={launcher}")
 
     def until(condition, what: str) -> None:  # or the study ended: then its log says why
         wait_for(lambda: process.poll() is not None or condition(), what=what)
-        assert process.poll() is None, f"the study ended before {what}:\n{said()[-3000:]}"
+        assert process.poll() is None, f"the study ended before {what}:\n{log.read_text()[-3000:]}"
 
-    def runs() -> dict:
-        return {r.data.tags["cfae.key"].split("/")[0]: r for r in mlflow_runs(tmp_path)}
-
-    until(lambda: len(list(tmp_path.glob("out/pair/*/*/*/checkpoints/last.ckpt"))) == 2, "both first epochs")
-    assert " failed: " not in said(), said()[-3000:]  # both still running
-    os.kill(int(runs()["autorec"].data.tags["cfae.process"].split(":")[1]), signal.SIGKILL)  # as the OOM killer
-    until(lambda: "autorec/80-20/fold0 failed: its process died (exit code -9)" in said(), "the death reported")
-    until(lambda: list(tmp_path.glob("out/pair/fig3_latent_size/*/*/checkpoints/last.ckpt")),
-          "a new worker to run svd, then an epoch of the next run")  # one stopped while it starts is closed by
-    # the next touch of the store, not by itself (see the run killed in its first minute)
-    assert runs()["svd"].info.status == "FINISHED", said()[-3000:]
+    # joblib: autorec and svd start; svd ends at once and denoising follows. submitit: a batch of autorec, svd.
+    second = "denoising" if launcher == "joblib" else "svd"
+    until(lambda: epoch_done(tmp_path, "autorec") and (epoch_done(tmp_path, "denoising") if launcher == "joblib"
+                                                       else "svd" in study_runs(tmp_path)
+                                                       and study_runs(tmp_path)["svd"][0].info.status == "FINISHED"),
+          f"autorec's first epoch and {second}")
+    os.kill(int(study_runs(tmp_path)["autorec"][0].data.tags["cfae.process"].split(":")[1]), signal.SIGKILL)
+    until(lambda: "autorec/80-20/fold0: its process died; it is tried again" in log.read_text(), "the death said")
+    # the next runs going on: joblib's first two figure runs; submitit's next batch, denoising and a figure run
+    until(lambda: epoch_done(tmp_path, "fig3_latent_size") and (launcher == "joblib" or
+                                                                epoch_done(tmp_path, "denoising")),
+          "the next runs going on")
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 128 + signal.SIGTERM, said()[-3000:]
-    closed = runs()
-    assert {row: r.info.status for row, r in closed.items()} == {"autorec": "FAILED", "denoising": "KILLED",
-                                                                 "svd": "FINISHED", "fig3_latent_size": "KILLED"}, (
-        said()[-3000:])
-    killed = closed["autorec"].data.tags["cfae.process"]  # marked by the study once it saw its worker die
-    assert closed["autorec"].data.tags["error"].startswith(f"its process ({killed}) ended without closing it")
-    assert closed["denoising"].data.tags["error"] == closed["fig3_latent_size"].data.tags["error"] == (
-        "interrupted (SIGTERM)")  # and the new worker's next run
-    assert all(has_died(r.data.tags["cfae.process"]) for r in closed.values())  # no worker left running
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    said, runs = log.read_text(), study_runs(tmp_path)
+    killed = runs["autorec"][0]
+    assert killed.info.status == "FAILED", said[-3000:]
+    assert killed.data.tags["error"].startswith(f"its process ({killed.data.tags['cfae.process']}) ended without")
+    assert runs["svd"][0].info.status == "FINISHED"
+    if launcher == "joblib":  # loky's pool dies with any of its workers: the run beside it died too, is tried again
+        assert runs["denoising"][0].info.status == "FAILED"
+        assert "denoising/80-20/fold0: its process died; it is tried again" in said
+    else:  # a job of its own: its neighbour went on
+        assert [r.info.status for r in runs["denoising"]] == ["KILLED"]
+    stopped = [r for r in runs["fig3_latent_size"] if r.info.status != "FINISHED"]
+    assert stopped and all(r.info.status == "KILLED" and r.data.tags["error"] == "interrupted (SIGTERM)"
+                           for r in stopped), said[-3000:]
+    assert len(runs["fig3_latent_size"]) < 6  # none started once it was stopping
+    assert all(has_died(r.data.tags["cfae.process"]) for rows in runs.values() for r in rows)  # no worker left
+    assert not list(tmp_path.glob("out/pair/.stop-*"))  # its stop file is gone
+
+
+@pytest.mark.slow
+def test_a_study_on_the_basic_launcher_killed_resumes_and_stops_its_run_on_sigterm(data_root, tmp_path):
+    log = tmp_path / "study.log"
+    process = start_study(tmp_path, data_root, log)  # one at a time, in the study's own process
+    wait_for(lambda: process.poll() is not None or epoch_done(tmp_path, "autorec"), what="autorec's first epoch")
+    process.kill()  # the study and its run with it, as the OOM killer would
+    process.wait()
+    for checkpoint in tmp_path.glob("out/pair/autorec/*/*/checkpoints/last.ckpt"):
+        checkpoint.unlink()  # to see the next try's first epoch
+    process = start_study(tmp_path, data_root, log)
+    wait_for(lambda: process.poll() is not None or len(study_runs(tmp_path).get("autorec", [])) == 2,
+             what="autorec run again")
+    wait_for(lambda: process.poll() is not None or epoch_done(tmp_path, "autorec"), what="its first epoch")
+    time.sleep(1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    runs = study_runs(tmp_path)
+    assert [r.info.status for r in runs["autorec"]] == ["FAILED", "KILLED"], log.read_text()[-3000:]
+    assert "ended without closing it" in runs["autorec"][0].data.tags["error"]
+    assert runs["autorec"][1].data.tags["error"] == "interrupted (SIGTERM)"
+    assert set(runs) == {"autorec"}  # nothing after it started
 
 
 @pytest.mark.slow

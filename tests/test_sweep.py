@@ -15,7 +15,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from cfae.sweep import device_overrides
+from cfae.launch import device_overrides
+from cfae.processes import usable_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["trainer.max_epochs=3", "trainer.enable_progress_bar=false", "data.batch_size=32"]
@@ -155,30 +156,32 @@ def test_parallel_trials_share_the_cores(data_root, tmp_path):
     _, all_runs = runs(tmp_path)
     children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 2
-    assert {c.data.params["threads"] for c in children} == {str(max(1, (os.cpu_count() or 1) // 2))}
+    assert {c.data.params["threads"] for c in children} == {str(max(1, usable_cores() // 2))}
 
 
 def test_each_parallel_trial_gets_its_own_gpu_or_its_share_of_cores():
     assert device_overrides(4, n_gpus=2, n_cpus=16) == [
         ("trainer.accelerator=gpu", "trainer.devices=[0]"), ("trainer.accelerator=gpu", "trainer.devices=[1]"),
         ("trainer.accelerator=gpu", "trainer.devices=[0]"), ("trainer.accelerator=gpu", "trainer.devices=[1]")]
-    assert device_overrides(3, n_gpus=0, n_cpus=16) == [("trainer.accelerator=cpu", "threads=5")] * 3
-    assert device_overrides(4, n_gpus=0, n_cpus=2) == [("trainer.accelerator=cpu", "threads=1")] * 4
-    assert device_overrides(4, n_gpus=0, n_cpus=16, parallel=1) == [("trainer.accelerator=cpu", "threads=16")] * 4
+    assert device_overrides(3, n_gpus=0, n_cpus=16) == [("threads=5",)] * 3
+    assert device_overrides(4, n_gpus=0, n_cpus=2) == [("threads=1",)] * 4
+    assert device_overrides(4, n_gpus=0, n_cpus=16, parallel=1) == [("threads=16",)] * 4
 
 
 def test_placement_follows_the_launcher():
     from omegaconf import OmegaConf
 
-    from cfae.sweep import local_parallelism
+    from cfae.launch import local_parallelism
 
     launcher = lambda target, **kw: OmegaConf.create({"_target_": target, **kw})  # noqa: E731
-    assert local_parallelism(launcher("hydra._internal.core_plugins.basic_launcher.BasicLauncher")) == 1
+    assert local_parallelism(launcher("hydra._internal.core_plugins.basic_launcher.BasicLauncher"), 4) == 1
     joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
-    assert local_parallelism(launcher(joblib, n_jobs=3)) == 3
-    assert local_parallelism(launcher(joblib, n_jobs=-1)) == os.cpu_count()
+    assert local_parallelism(launcher(joblib, n_jobs=3), 4) == 3
+    assert local_parallelism(launcher(joblib, n_jobs=-1), 4) == usable_cores()
+    local = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
+    assert local_parallelism(launcher(local), 4) == 4  # the whole batch at once
     slurm = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert local_parallelism(launcher(slurm)) is None  # the cluster places jobs
+    assert local_parallelism(launcher(slurm), 4) is None  # the cluster places jobs
 
 
 @pytest.mark.slow
