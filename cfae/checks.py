@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, get_type_hints
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -53,8 +53,19 @@ open_fraction = (lambda x: is_number(x) and 0 < x < 1, "a number > 0 and < 1")
 layer_list = (lambda x: isinstance(x, list) and len(x) > 0 and all(is_int(v) and v >= 1 for v in x),
               "a non-empty list of integers >= 1")
 
+# A model's bounds, stated once: its constructor annotates each argument (`hidden_size: PositiveInt = 500`), and
+# the same annotation refuses a bad value up front, before data loads (`check_config`: model.hidden_size=0), and
+# when the model is built from Python (`check_arguments`), in the same words.
+PositiveInt = Annotated[int, positive_int]
+Count = Annotated[int, count]
+Positive = Annotated[float, positive]
+NonNegative = Annotated[float, non_negative]
+Fraction = Annotated[float, fraction]
+Layers = Annotated[list[int], layer_list]
+
 # (key, (test, what is allowed), why). Sweep knobs come first: a bad knob is named as the user typed it,
-# not as the model key it feeds. Keys a model or optimizer does not have are skipped.
+# not as the model key it feeds. Keys an optimizer does not have are skipped. The model's keys: its
+# constructor's annotations (`bounds`).
 RULES: list[tuple[str, tuple[Callable[[Any], bool], str], str]] = [
     ("hidden", positive_int, "the latent size; null: the model's default"),
     ("depth", positive_int, "the number of encoder layers; null: the model's default"),
@@ -75,18 +86,6 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str], str]] = [
     ("data.min_item_ratings", count, ""),
     ("data.num_workers", count, ""),
     ("data.seed", count, "the seed of the random splits"),
-    ("model.hidden_size", positive_int, ""),
-    ("model.layer_sizes", layer_list, ""),
-    ("model.n_factors", count, ""),
-    ("model.dropout", fraction, ""),
-    ("model.noise", fraction, "the fraction of input ratings dropped"),
-    ("model.gaussian_noise", non_negative, "the standard deviation of Gaussian input noise"),
-    ("model.weight_decay", non_negative, "L2 on the weights"),
-    ("model.regularization", non_negative, ""),
-    ("model.init_std", positive, ""),
-    ("model.refeed", count, ""),
-    ("model.beta_max", non_negative, ""),
-    ("model.anneal_steps", count, ""),
     ("optimizer.lr", positive, "the learning rate"),
     ("optimizer.weight_decay", non_negative, ""),
     ("optimizer.momentum", non_negative, ""),
@@ -98,6 +97,48 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str], str]] = [
 
 def _show(value: Any) -> str:
     return "null" if value is None else str(value)
+
+
+def bounds(cls: type) -> dict[str, tuple[Callable[[Any], bool], str]]:
+    """The bounds the constructors of `cls` and its bases annotate their arguments with: {argument: (test, what
+    is allowed)}."""
+    found = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" not in vars(klass) or klass.__module__.split(".")[0] != "cfae":
+            continue
+        for name, hint in get_type_hints(vars(klass)["__init__"], include_extras=True).items():
+            for meta in getattr(hint, "__metadata__", ()):
+                found[name] = meta
+    return found
+
+
+def check_arguments(cls: type, arguments: dict[str, Any], prefix: str = "model.") -> None:
+    """Raise ConfigError for the first argument outside the bounds its constructor states (`bounds`)."""
+    for name, (test, allowed) in bounds(cls).items():
+        value = arguments.get(name)
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        value = list(value) if isinstance(value, tuple) else value  # a default such as (200,)
+        if value is not None and not test(value):
+            raise ConfigError(f"{prefix}{name}={_show(value)}: must be {allowed}")
+
+
+def _check_model(model: Any) -> None:
+    if not OmegaConf.is_config(model) or "_target_" not in model:
+        return
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(model._target_)
+    except Exception as err:
+        raise ConfigError(f"model._target_={model._target_}: {err}".splitlines()[0]) from None
+    arguments = {}
+    for name in bounds(cls):
+        try:
+            arguments[name] = OmegaConf.select(model, name, throw_on_missing=True)
+        except Exception as err:  # an interpolation that cannot resolve, e.g. a resolver refusing a value
+            raise ConfigError(f"model.{name}: {err}".splitlines()[0]) from None
+    check_arguments(cls, arguments)
 
 
 def check_config(cfg: DictConfig, sweeping: bool = False) -> None:
@@ -113,6 +154,7 @@ def check_config(cfg: DictConfig, sweeping: bool = False) -> None:
         if value is not None and not test(value):  # None: absent, or null for the model's default
             raise ConfigError(f"{key}={_show(value)}: must be {allowed}" + (f" ({why})" if why else ""))
     _check_knobs(cfg)
+    _check_model(cfg.get("model"))
     if cfg.get("refit") and sweeping:
         raise ConfigError("refit=true in a sweep: trials are compared on validation, which refitting does not "
                           "change; refit the chosen configuration with train.py")

@@ -131,3 +131,25 @@ def test_the_configs_say_each_thing_once():
             body = "\n".join(lines)
             assert not own or body not in bodies, f"conf/{group}/{path.name} repeats {bodies.get(body)}"
             bodies.setdefault(body, path.name)
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS)
+def test_a_models_bounds_are_stated_once_and_refused_up_front_and_by_its_constructor_alike(name):
+    from omegaconf import OmegaConf
+
+    from cfae.checks import RULES, bounds
+
+    assert not [key for key, *_ in RULES if key.startswith("model.")]  # the models' bounds live in their constructors
+    cfg = compose(f"model={name}")
+    cls = get_class(cfg.model._target_)
+    arguments = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                 if k != "_target_" and v is not None}
+    taken = {p for klass in cls.__mro__ if "__init__" in vars(klass) for p in inspect.signature(klass).parameters}
+    given = {k: 10 for k in ("n_inputs", "n_rows") if k in taken}
+    for key in bounds(cls):
+        bad = [] if key.endswith("layer_sizes") else -1
+        with pytest.raises(ConfigError) as up_front:
+            check_config(compose(f"model={name}", f"++model.{key}={bad}"))
+        with pytest.raises(ConfigError) as built:
+            cls(**{**given, **arguments, key: bad})
+        assert str(up_front.value) == str(built.value) == f"model.{key}={bad}: must be {bounds(cls)[key][1]}"

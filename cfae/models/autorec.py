@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cfae.checks import Fraction, NonNegative, PositiveInt
 from cfae.models.base import RatingModel, activation, corrupt
 from cfae.sparse import SparseLinear, SparseRows
 
@@ -25,12 +26,12 @@ class AutoRec(RatingModel):
     def __init__(
         self,
         n_inputs: int,
-        hidden_size: int = 500,  # Sedhain et al. 2015, sec. 3: 500 hidden units
+        hidden_size: PositiveInt = 500,  # Sedhain et al. 2015, sec. 3: 500 hidden units
         hidden_activation: str = "sigmoid",  # g
         output_activation: str = "identity",  # f
-        dropout: float = 0.0,  # on the code h; 0 is plain AutoRec
-        noise: float = 0.0,  # denoising: drop this fraction of the input ratings in training
-        gaussian_noise: float = 0.0,  # denoising: Gaussian noise (its std) on the input ratings in training
+        dropout: Fraction = 0.0,  # on the code h; 0 is plain AutoRec
+        noise: Fraction = 0.0,  # denoising: drop this fraction of the input ratings in training
+        gaussian_noise: NonNegative = 0.0,  # denoising: Gaussian noise (its std) on the input ratings in training
         **base,
     ):
         super().__init__(n_inputs=n_inputs, **base)

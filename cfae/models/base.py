@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MinMetric
 
-from cfae.checks import Diverged
+from cfae.checks import Diverged, NonNegative, check_arguments
 from cfae.metrics import TEST_MAE, TEST_RMSE, TRAIN_LOSS, VAL_MAE, VAL_RMSE, VAL_RMSE_BEST, MaskedMAE, MaskedRMSE
 from cfae.sparse import EvalBatch, SampledLinear, SparseLinear, SparseRows
 
@@ -88,7 +88,7 @@ class RatingModel(L.LightningModule):
         n_inputs: int,  # width of a row (the number of columns)
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,  # a partial: it gets the parameters
         scheduler: Callable[..., torch.optim.lr_scheduler.ReduceLROnPlateau] | None = None,  # on val/rmse
-        weight_decay: float = 0.0,  # L2 on weight matrices only (not on biases or norm scales)
+        weight_decay: NonNegative = 0.0,  # L2 on weight matrices only (not on biases or norm scales)
         rating_min: float = 1.0,
         rating_max: float = 5.0,
         sampled_output: str | bool = "auto",  # outputs only at the cells needed (true), whole rows (false)
@@ -99,6 +99,7 @@ class RatingModel(L.LightningModule):
         # Every constructor argument (subclasses' too) into the checkpoint, so that `Model.load_from_checkpoint`
         # rebuilds it; not to the logger: the run's config already holds them.
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
+        check_arguments(type(self), self.hparams)  # the bounds its constructors annotate (cfae.checks)
         if sampled_output not in ("auto", True, False):
             raise ValueError(f"sampled_output={sampled_output!r}: expected auto, true or false")
         self.weight_decay, self.sampled_output, self.start_at_mean = weight_decay, sampled_output, start_at_mean

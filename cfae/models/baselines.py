@@ -17,7 +17,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator, svds
 from torch import Tensor, nn
 
-from cfae.checks import ConfigError
+from cfae.checks import ConfigError, Count, NonNegative, Positive, PositiveInt
 from cfae.data.means import rating_means
 from cfae.models.base import RatingModel
 from cfae.sparse import SparseRows
@@ -28,9 +28,9 @@ class MatrixFactorization(RatingModel):
         self,
         n_inputs: int,
         n_rows: int,
-        n_factors: int = 64,  # 0: biases only
-        regularization: float = 0.05,  # lambda, per rating
-        init_std: float = 0.01,
+        n_factors: Count = 64,  # 0: biases only
+        regularization: NonNegative = 0.05,  # lambda, per rating
+        init_std: Positive = 0.01,
         **base,
     ):
         super().__init__(n_inputs=n_inputs, **base)
@@ -96,7 +96,7 @@ class ImputedSVD(RatingModel):
         self,
         n_inputs: int,
         n_rows: int,
-        n_factors: int = 25,  # best of 5, 10, 20, 25, 30, 50 on ML-1M fold 0's validation part
+        n_factors: PositiveInt = 25,  # best of 5, 10, 20, 25, 30, 50 on ML-1M fold 0's validation part
         orientation: str = "user",  # which axis holds users: the model imputes item means
         **base,
     ):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cfae.checks import Count, Fraction, Layers, NonNegative
 from cfae.models.base import RatingModel, activation, corrupt, decoder_layers, masked_mse
 from cfae.sparse import SparseLinear, SparseRows
 
@@ -32,20 +33,18 @@ class DeepAutoencoder(RatingModel):
     def __init__(
         self,
         n_inputs: int,
-        layer_sizes: list[int],  # the last is the code size; the study's rows: conf/model/deep*.yaml
+        layer_sizes: Layers,  # the last is the code size; the study's rows: conf/model/deep*.yaml
         hidden_activation: str = "selu",
         output_activation: str = "identity",
-        dropout: float = 0.5,  # on the code; 0 overfits the study's rows (ML-1M fold 0 validation)
+        dropout: Fraction = 0.5,  # on the code; 0 overfits the study's rows (ML-1M fold 0 validation)
         tied: bool = False,
         batch_norm: bool = False,
-        refeed: int = 0,  # dense re-feeding steps per batch
-        noise: float = 0.0,  # denoising, as for AutoRec
-        gaussian_noise: float = 0.0,
+        refeed: Count = 0,  # dense re-feeding steps per batch
+        noise: Fraction = 0.0,  # denoising, as for AutoRec
+        gaussian_noise: NonNegative = 0.0,
         **base,
     ):
         super().__init__(n_inputs=n_inputs, **base)
-        if not layer_sizes:
-            raise ValueError("layer_sizes needs at least one layer")
         self.tied, self.refeed = tied, refeed
         self.noise, self.gaussian_noise = noise, gaussian_noise
         sizes = [n_inputs, *layer_sizes]

@@ -16,6 +16,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor, nn
 
+from cfae.checks import NonNegative
 from cfae.models.ranking import RankingModel
 from cfae.sparse import SparseRows
 
@@ -23,7 +24,7 @@ from cfae.sparse import SparseRows
 class EASE(RankingModel):
     closed_form = True
 
-    def __init__(self, n_inputs: int, l2: float = 500.0, **base):
+    def __init__(self, n_inputs: int, l2: NonNegative = 500.0, **base):
         super().__init__(n_inputs=n_inputs, **base)
         self.l2 = l2
         self.weight = nn.Parameter(torch.zeros(n_inputs, n_inputs), requires_grad=False)  # B: (n_items, n_items)

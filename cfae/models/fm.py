@@ -37,7 +37,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from cfae.checks import ConfigError
+from cfae.checks import ConfigError, Count, PositiveInt
 from cfae.models.base import RatingModel
 from cfae.sparse import SparseRows
 
@@ -122,10 +122,10 @@ class BayesianFM(RatingModel):
         # rank 32 0.8296 / 0.8277 / 0.8262, rank 64 0.8278 at 64 in the time rank 32 draws 128 (myFM's
         # example: rank 32, 512 samples; Rendle: up to rank 512 on ML-10M). 256 samples: about 8 min on one
         # core of a 2-core EPYC.
-        rank: int = 32,
-        iterations: int = 256,  # Gibbs samples drawn
-        burn_in: int = 5,  # the first samples, left out of the mean (myFM's "all but 5")
-        samples: int = 32,  # the samples whose products are stored, evenly spaced after the burn-in
+        rank: PositiveInt = 32,
+        iterations: PositiveInt = 256,  # Gibbs samples drawn
+        burn_in: Count = 5,  # the first samples, left out of the mean (myFM's "all but 5")
+        samples: PositiveInt = 32,  # the samples whose products are stored, evenly spaced after the burn-in
         implicit: bool = True,  # the "who rated what" features (Bayesian SVD++ flipped); false: Bayesian MF
         seed: int = 42,
         **base,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping
 from torch import Tensor, nn
 
+from cfae.checks import Count, NonNegative, PositiveInt
 from cfae.models.base import RatingModel, activation
 from cfae.sparse import SparseRows, SparseRowsTimesDense
 
@@ -69,11 +70,11 @@ class KernelAutoRec(RatingModel):
     def __init__(
         self,
         n_inputs: int,
-        hidden_size: int = 500,
-        n_layers: int = 2,  # hidden kernel layers
-        kernel_dim: int = 5,  # width of the embeddings u, v
-        lambda_2: float = 70.0,  # L2 on W
-        lambda_s: float = 0.013,  # L2 on the kernel K: pushes embeddings apart, weights to exact zeros
+        hidden_size: PositiveInt = 500,
+        n_layers: PositiveInt = 2,  # hidden kernel layers
+        kernel_dim: PositiveInt = 5,  # width of the embeddings u, v
+        lambda_2: NonNegative = 70.0,  # L2 on W
+        lambda_s: NonNegative = 0.013,  # L2 on the kernel K: pushes embeddings apart, weights to exact zeros
         hidden_activation: str = "sigmoid",
         start_at_mean: bool = False,  # the authors' initialisation: every bias Glorot-uniform
         **base,
@@ -81,8 +82,6 @@ class KernelAutoRec(RatingModel):
         super().__init__(n_inputs=n_inputs, start_at_mean=start_at_mean, **base)
         if self.weight_decay:
             raise ValueError(f"weight_decay={self.weight_decay}: a kernelised AutoRec has its own L2 (lambda_2)")
-        if n_layers < 1:
-            raise ValueError(f"n_layers={n_layers}: a kernelised AutoRec needs at least one hidden layer")
         self.lambda_2, self.lambda_s = lambda_2, lambda_s
         sizes = [n_inputs] + [hidden_size] * n_layers
         self.hidden = nn.ModuleList(KernelLinear(a, b, kernel_dim) for a, b in zip(sizes[:-1], sizes[1:]))
@@ -132,11 +131,11 @@ class GLocalK(KernelAutoRec):
         self,
         n_inputs: int,
         n_rows: int,  # the matrix's rows: C has one row per matrix row
-        pretrain_epochs: int = 20,
-        kernel_size: int = 3,  # the global kernel is kernel_size x kernel_size
+        pretrain_epochs: Count = 20,
+        kernel_size: PositiveInt = 3,  # the global kernel is kernel_size x kernel_size
         dot_scale: float = 0.5,
-        finetune_max_iter: int = 10,  # L-BFGS iterations per fine-tuning epoch (the optimizer's max_iter before)
-        lambda_s: float = 0.018,
+        finetune_max_iter: PositiveInt = 10,  # L-BFGS iterations per fine-tuning epoch (the optimizer's max_iter)
+        lambda_s: NonNegative = 0.018,
         **kwargs,
     ):
         super().__init__(n_inputs=n_inputs, lambda_s=lambda_s, **kwargs)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cfae.checks import Count, Fraction, Layers, NonNegative
 from cfae.models.ranking import RankingModel, multinomial_nll, normalized
 from cfae.sparse import SparseLinear, SparseRows
 
@@ -34,9 +35,9 @@ class MultDAE(RankingModel):
     def __init__(
         self,
         n_inputs: int,
-        layer_sizes: list[int] = (200,),  # encoder sizes, the last one the code; the decoder mirrors them
-        dropout: float = 0.5,  # on the normalised input, in training
-        l2: float = 0.01 / 500,  # vae_cf's lam (0.01 / batch size): l2 * sum of squared weights
+        layer_sizes: Layers = (200,),  # encoder sizes, the last one the code; the decoder mirrors them
+        dropout: Fraction = 0.5,  # on the normalised input, in training
+        l2: NonNegative = 0.01 / 500,  # vae_cf's lam (0.01 / batch size): l2 * sum of squared weights
         **base,
     ):
         super().__init__(n_inputs=n_inputs, **base)
@@ -80,11 +81,11 @@ class MultVAE(MultDAE):
     def __init__(
         self,
         n_inputs: int,
-        layer_sizes: list[int] = (600, 200),  # the paper's: I -> 600 -> 200 (mu, logvar) and 200 -> 600 -> I
-        dropout: float = 0.5,
-        l2: float = 0.0,
-        beta_max: float = 0.2,  # the cap on the KL weight (Liang et al. sec. 2.2.2)
-        anneal_steps: int = 200_000,  # beta rises by 1 / anneal_steps an update, up to beta_max (vae_cf's)
+        layer_sizes: Layers = (600, 200),  # the paper's: I -> 600 -> 200 (mu, logvar) and 200 -> 600 -> I
+        dropout: Fraction = 0.5,
+        l2: NonNegative = 0.0,
+        beta_max: NonNegative = 0.2,  # the cap on the KL weight (Liang et al. sec. 2.2.2)
+        anneal_steps: Count = 200_000,  # beta rises by 1 / anneal_steps an update, up to beta_max (vae_cf's)
         **base,
     ):
         super().__init__(n_inputs=n_inputs, layer_sizes=layer_sizes, dropout=dropout, l2=l2, **base)

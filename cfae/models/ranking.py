@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MaxMetric
 
-from cfae.checks import Diverged
+from cfae.checks import Diverged, check_arguments
 from cfae.metrics import TEST_RANKING, TRAIN_LOSS, VAL_NDCG, VAL_NDCG_BEST, TopK
 from cfae.models.base import optimizers
 from cfae.sparse import EvalBatch, SparseRows
@@ -47,6 +47,7 @@ class RankingModel(L.LightningModule):
     def __init__(self, n_inputs: int, optimizer: Callable | None = None, scheduler: Callable | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"], logger=False)
+        check_arguments(type(self), self.hparams)  # the bounds its constructors annotate (cfae.checks)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.val_ndcg, self.val_ndcg_best = TopK("ndcg", 100), MaxMetric()
         self.test_metrics = torch.nn.ModuleDict({name.replace("/", "_"): TopK(kind, k)

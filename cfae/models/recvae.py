@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cfae.checks import Fraction, NonNegative, PositiveInt
 from cfae.models.ranking import RankingModel, normalized
 from cfae.sparse import SparseLinear, SparseRows
 
@@ -53,13 +54,13 @@ class RecVAE(RankingModel):
     def __init__(
         self,
         n_inputs: int,
-        hidden_size: int = 600,
-        latent_size: int = 200,
-        depth: int = 5,  # encoder layers
-        gamma: float = 0.005,  # beta_u = gamma * |x_u|
-        dropout: float = 0.5,  # on the encoder's input, in its updates
-        encoder_epochs: int = 3,
-        decoder_epochs: int = 1,
+        hidden_size: PositiveInt = 600,
+        latent_size: PositiveInt = 200,
+        depth: PositiveInt = 5,  # encoder layers
+        gamma: NonNegative = 0.005,  # beta_u = gamma * |x_u|
+        dropout: Fraction = 0.5,  # on the encoder's input, in its updates
+        encoder_epochs: PositiveInt = 3,
+        decoder_epochs: PositiveInt = 1,
         mixture: tuple[float, float, float] = (3 / 20, 3 / 4, 1 / 10),  # standard, old posterior, wide
         **base,
     ):

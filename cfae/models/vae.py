@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cfae.checks import Count, Fraction, Layers, NonNegative
 from cfae.models.base import RatingModel, activation, corrupt, decoder_layers
 from cfae.sparse import SparseLinear, SparseRows
 
@@ -26,12 +27,12 @@ class VAE(RatingModel):
     def __init__(
         self,
         n_inputs: int,
-        layer_sizes: list[int],  # hidden sizes, then the code size; the study's row: conf/model/vae.yaml
+        layer_sizes: Layers,  # hidden sizes, then the code size; the study's row: conf/model/vae.yaml
         hidden_activation: str = "selu",
         output_activation: str = "identity",
-        noise: float = 0.0,  # drop this fraction of the input ratings in training (Liang et al.'s dropout)
-        beta_max: float = 0.2,  # Liang et al.'s best cap on ML-20M
-        anneal_steps: int = 2000,
+        noise: Fraction = 0.0,  # drop this fraction of the input ratings in training (Liang et al.'s dropout)
+        beta_max: NonNegative = 0.2,  # Liang et al.'s best cap on ML-20M
+        anneal_steps: Count = 2000,
         **base,
     ):
         super().__init__(n_inputs=n_inputs, **base)
