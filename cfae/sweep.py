@@ -45,7 +45,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import TrialState
 
 from cfae import launch, studies
-from cfae.checks import ConfigError, check_config, check_knob, refused_up_front, reported_in_one_line
+from cfae.checks import ConfigError, UsageError, check_config, check_knob, refused_up_front, reported_in_one_line
 from cfae.metrics import VAL_RMSE_BEST
 from cfae.processes import git_commit, this_process
 from cfae.stores import store_lock
@@ -389,7 +389,7 @@ def best_run(client, study: optuna.Study, experiment_id: str, objective: str = O
         return None
     run = runs[0]
     found = {"run_id": run.info.run_id, "experiment_id": experiment_id}
-    if not any(a.path == "model" for a in client.list_artifacts(run.info.run_id)):
+    if not any(a.path == "model" for a in client.list_artifacts(run.info.run_id)) and not package(client, run):
         return found
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name, description=f"The best trial of the Optuna study {study.study_name} "
@@ -400,6 +400,22 @@ def best_run(client, study: optuna.Study, experiment_id: str, objective: str = O
                                                 tags={"optuna.trial": str(study.best_trial.number),
                                                       objective: str(study.best_value)})]
     return {**found, "model": f"models:/{name}/{versions[0].version}"}
+
+
+def package(client, run) -> bool:
+    """Package the model of a trial's run, which kept its checkpoints only (the sweep's trials have
+    save_model=false), from its folder, and log it to the run; whether it could."""
+    from cfae.train import packaged
+
+    with tempfile.TemporaryDirectory() as tmp:
+        output_dir = Path(OmegaConf.load(client.download_artifacts(run.info.run_id, "config.yaml", tmp)).output_dir)
+    try:
+        saved = packaged(output_dir)
+    except (UsageError, OSError) as err:  # its folder is on another machine, or gone
+        log.warning("the best trial's model could not be packaged: %s", str(err).splitlines()[0])
+        return False
+    client.log_artifacts(run.info.run_id, str(saved), "model")
+    return True
 
 
 def _plots(study: optuna.Study, folder: Path, objective: str = OBJECTIVE) -> list[Path]:

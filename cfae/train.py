@@ -452,6 +452,22 @@ def save_model(model, datamodule, best: str, output_dir: Path) -> Path:
         return serving.save(recommender, recommender.save(Path(tmp) / ARTIFACT, best), output_dir / MODEL)
 
 
+def packaged(output_dir: Path) -> Path:
+    """The saved model of a run that kept its checkpoints only (`save_model=false`), packaged from its folder as
+    `fit` packages one: its config.yaml, the checkpoint it tested (refit.ckpt under refit, else best.ckpt) and
+    its data, read again from the files it names; in <output_dir>/model."""
+    register_resolvers()
+    cfg = OmegaConf.load(output_dir / "config.yaml")
+    best = output_dir / "checkpoints" / ("refit.ckpt" if cfg.get("refit") else "best.ckpt")
+    if not best.is_file():
+        raise UsageError(f"{best}: no such checkpoint; the run's folder holds no model to package")
+    datamodule = build(cfg.data)
+    datamodule.setup("fit")
+    model = build_model(cfg, datamodule, scheduled=False)
+    model.load_state_dict(read_checkpoint(best)["state_dict"])
+    return save_model(model, datamodule, str(best), output_dir)
+
+
 def close_run(logger, cfg: DictConfig, metrics: dict[str, float], logged: tuple[str, ...], saved: Path | None) -> None:
     """The MLflow run's last metrics (those not `logged` already, at the last epoch), its note, its model, config
     and validation curve; then FINISHED."""

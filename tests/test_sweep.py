@@ -95,6 +95,9 @@ def test_the_best_trial_is_registered_and_loads_by_its_models_uri(grid_sweep):
     assert client.get_run(version.run_id).data.params["hidden"] == str(best.params["hidden"])
     rec = cfae.load("models:/cfae-autorec-ml1m-item-fold0/latest", tracking_uri=f"sqlite:///{cwd}/mlruns/mlflow.db")
     assert len(rec.recommend(7, 5)) == 5 and rec.model.hparams.hidden_size == best.params["hidden"]
+    packaged = {c.info.run_id for c in runs(cwd)[1] if any(a.path == "model" for a in client.list_artifacts(
+        c.info.run_id))}
+    assert packaged == {version.run_id}  # the trials keep their checkpoints; only the best one's model is packaged
 
 
 @pytest.mark.slow

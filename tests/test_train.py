@@ -387,3 +387,9 @@ def test_save_model_false_keeps_the_checkpoints_and_packages_no_model(data_root,
     assert "test/rmse" in client.get_run(trained.run_id).data.metrics
     with pytest.raises(UsageError, match="save_model=false .* packaged none"):
         cfae.load(trained.run_id, tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    from cfae.recommender import Recommender
+    from cfae.train import packaged
+
+    packaged(tmp_path / "out")  # later, from its folder (what a sweep does for its best trial)
+    again, fitted = cfae.load(tmp_path / "out"), Recommender.from_fit(trained.model, trained.datamodule)
+    assert again.recommend(7, 10) == fitted.recommend(7, 10)
