@@ -3,6 +3,7 @@ The scripts run as `python benchmarks/<name>.py`, which puts this folder first o
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from cfae.configs import compose
+from cfae.console import quiet_libraries
 from cfae.processes import device_clock
 
 
@@ -42,3 +44,11 @@ def lbfgs_step(model, x, optimizer: torch.optim.LBFGS) -> None:
         return loss
 
     optimizer.step(closure)
+
+
+def quiet_benchmark() -> None:
+    """For a script that runs train.py many times in its own process and prints its own lines: libraries
+    quiet, cfae's and MLflow's logs errors only."""
+    quiet_libraries()
+    for name in ("cfae", "mlflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -33,12 +33,11 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from common import timings
+from common import quiet_benchmark, timings
 from torch import nn
 
 from cfae.callbacks import EpochTimer
 from cfae.configs import precision
-from cfae.console import quiet_benchmark
 from cfae.data import RatingsDataModule
 from cfae.models import EASE, VAE, AutoRec, DeepAutoencoder, MultVAE
 from cfae.processes import device_clock, keep_freed_memory, machine

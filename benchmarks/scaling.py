@@ -28,10 +28,10 @@ SYNTHETIC = {"syn5m": 5_000_000, "syn20m": 20_000_000}
 def one(name: str, batch_size: int) -> dict:
     import lightning as L
     import torch
+    from common import quiet_benchmark
 
     from cfae.callbacks import EpochTimer
     from cfae.configs import precision
-    from cfae.console import quiet_benchmark
     from cfae.data import RatingsDataModule
     from cfae.models import AutoRec
     from cfae.processes import keep_freed_memory

@@ -17,9 +17,8 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-from common import scratch_run
+from common import quiet_benchmark, scratch_run
 
-from cfae.console import quiet_benchmark
 from cfae.processes import keep_freed_memory, machine
 from cfae.train import train
 

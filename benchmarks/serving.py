@@ -25,9 +25,8 @@ import urllib.request
 from datetime import date
 from pathlib import Path
 
-from common import scratch_run
+from common import quiet_benchmark, scratch_run
 
-from cfae.console import quiet_benchmark
 from cfae.processes import machine
 from cfae.recommender import Recommender
 from cfae.train import fit

@@ -34,11 +34,10 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from common import scratch_run
+from common import quiet_benchmark, scratch_run
 from omegaconf import open_dict
 
 from cfae.configs import compose
-from cfae.console import quiet_benchmark
 from cfae.metrics import MaskedRMSE
 from cfae.processes import keep_freed_memory, machine
 from cfae.train import build, fit

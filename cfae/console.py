@@ -70,11 +70,3 @@ def logging_kept() -> Iterator[None]:
             lg.setLevel(level)
             lg.handlers[:] = handlers
             lg.propagate, lg.disabled = propagate, disabled
-
-
-def quiet_benchmark() -> None:
-    """For a script that runs train.py many times in its own process and prints its own lines: libraries
-    quiet, cfae's and MLflow's logs errors only."""
-    quiet_libraries()
-    for name in ("cfae", "mlflow"):
-        logging.getLogger(name).setLevel(logging.ERROR)
