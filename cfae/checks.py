@@ -53,19 +53,27 @@ open_fraction = (lambda x: is_number(x) and 0 < x < 1, "a number > 0 and < 1")
 layer_list = (lambda x: isinstance(x, list) and len(x) > 0 and all(is_int(v) and v >= 1 for v in x),
               "a non-empty list of integers >= 1")
 
-# A model's bounds, stated once: its constructor annotates each argument (`hidden_size: PositiveInt = 500`), and
-# the same annotation refuses a bad value up front, before data loads (`check_config`: model.hidden_size=0), and
-# when the model is built from Python (`check_arguments`), in the same words.
+# A model's and the data's bounds, stated once: their constructors annotate each argument (`hidden_size:
+# PositiveInt = 500`), and the same annotation refuses a bad value up front, before data loads (`check_config`:
+# model.hidden_size=0), and when the model or the DataModule is built from Python (`check_arguments`), in the
+# same words.
 PositiveInt = Annotated[int, positive_int]
 Count = Annotated[int, count]
 Positive = Annotated[float, positive]
 NonNegative = Annotated[float, non_negative]
 Fraction = Annotated[float, fraction]
 Layers = Annotated[list[int], layer_list]
+OpenFraction = Annotated[float, open_fraction]
+
+
+def one_of(*allowed: str) -> tuple[Callable[[Any], bool], str]:
+    """The bound of a setting that takes one of a few words: `Annotated[str, one_of("item", "user")]`."""
+    return (lambda x: x in allowed, " or ".join(allowed) if len(allowed) < 3 else "one of " + ", ".join(allowed))
 
 # (key, (test, what is allowed), why). Sweep knobs come first: a bad knob is named as the user typed it,
-# not as the model key it feeds. Keys an optimizer does not have are skipped. The model's keys: its
-# constructor's annotations (`bounds`).
+# not as the model key it feeds. Keys an optimizer does not have are skipped. The model's and the data's keys:
+# their constructors' annotations (`bounds`), and the data's settings that depend on each other (data.fold and
+# data.n_folds, a split and its data set) its constructor's checks, which `check_config` runs by building it.
 RULES: list[tuple[str, tuple[Callable[[Any], bool], str], str]] = [
     ("hidden", positive_int, "the latent size; null: the model's default"),
     ("depth", positive_int, "the number of encoder layers; null: the model's default"),
@@ -78,14 +86,6 @@ RULES: list[tuple[str, tuple[Callable[[Any], bool], str], str]] = [
     ("save_model", (lambda x: isinstance(x, bool), "true or false"), ""),
     ("checkpoint_every_s", non_negative, "seconds between full checkpoints; 0: every epoch"),
     ("trainer.max_epochs", positive_int, ""),
-    ("data.batch_size", positive_int, ""),
-    ("data.eval_batch_size", positive_int, ""),
-    ("data.n_folds", positive_int, ""),
-    ("data.test_fraction", open_fraction, "the held-out test part"),
-    ("data.val_fraction", open_fraction, "validation drives early stopping and model selection"),
-    ("data.min_item_ratings", count, ""),
-    ("data.num_workers", count, ""),
-    ("data.seed", count, "the seed of the random splits"),
     ("optimizer.lr", positive, "the learning rate"),
     ("optimizer.weight_decay", non_negative, ""),
     ("optimizer.momentum", non_negative, ""),
@@ -123,22 +123,36 @@ def check_arguments(cls: type, arguments: dict[str, Any], prefix: str = "model."
             raise ConfigError(f"{prefix}{name}={_show(value)}: must be {allowed}")
 
 
-def _check_model(model: Any) -> None:
-    if not OmegaConf.is_config(model) or "_target_" not in model:
-        return
+def _target(node: DictConfig, prefix: str) -> type:
     from hydra.utils import get_class
 
     try:
-        cls = get_class(model._target_)
+        return get_class(node._target_)
     except Exception as err:
-        raise ConfigError(f"model._target_={model._target_}: {err}".splitlines()[0]) from None
-    arguments = {}
+        raise ConfigError(f"{prefix}_target_={node._target_}: {err}".splitlines()[0]) from None
+
+
+def _check_model(model: Any) -> None:
+    if not OmegaConf.is_config(model) or "_target_" not in model:
+        return
+    cls, arguments = _target(model, "model."), {}
     for name in bounds(cls):
         try:
             arguments[name] = OmegaConf.select(model, name, throw_on_missing=True)
         except Exception as err:  # an interpolation that cannot resolve, e.g. a resolver refusing a value
             raise ConfigError(f"model.{name}: {err}".splitlines()[0]) from None
     check_arguments(cls, arguments)
+
+
+def _check_data(data: Any) -> None:
+    """Build the DataModule of `data`, which reads nothing yet: its constructor refuses what it cannot run."""
+    if not OmegaConf.is_config(data) or "_target_" not in data:
+        return
+    try:
+        arguments = OmegaConf.to_container(data, resolve=True)
+    except Exception as err:  # an interpolation that cannot resolve
+        raise ConfigError(f"data: {err}".splitlines()[0]) from None
+    _target(data, "data.")(**{k: v for k, v in arguments.items() if k != "_target_"})
 
 
 def check_config(cfg: DictConfig, sweeping: bool = False) -> None:
@@ -158,13 +172,6 @@ def check_config(cfg: DictConfig, sweeping: bool = False) -> None:
     if cfg.get("refit") and sweeping:
         raise ConfigError("refit=true in a sweep: trials are compared on validation, which refitting does not "
                           "change; refit the chosen configuration with train.py")
-    fold, n_folds = OmegaConf.select(cfg, "data.fold"), OmegaConf.select(cfg, "data.n_folds")
-    if fold is not None and not (is_int(fold) and 0 <= fold < n_folds):
-        raise ConfigError(f"data.fold={_show(fold)}: must be an integer from 0 to {n_folds - 1} "
-                          f"(data.n_folds={n_folds})")
-    orientation = OmegaConf.select(cfg, "data.orientation")
-    if orientation is not None and orientation not in ("item", "user"):
-        raise ConfigError(f"data.orientation={orientation}: must be item or user")
     _check_accelerator(OmegaConf.select(cfg, "trainer.accelerator"))
     _check_devices(OmegaConf.select(cfg, "trainer.devices"))
     resume = cfg.get("resume")
@@ -178,6 +185,7 @@ def check_config(cfg: DictConfig, sweeping: bool = False) -> None:
     root = OmegaConf.select(cfg, "data.root")
     if root and not Path(root).is_dir():
         raise ConfigError(f"data.root={root}: no such folder (set by CFAE_DATA_DIR or data.root)")
+    _check_data(cfg.get("data"))
 
 
 KNOBS = ("hidden", "depth", "dropout", "noise")

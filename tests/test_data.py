@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cfae.checks import DataError
+from cfae.checks import DataError, UsageError
 from cfae.data import RatingsDataModule, movielens
 from cfae.data import module as data_module
 from cfae.data.means import fallback_predictions
@@ -324,25 +324,32 @@ def test_split_is_disjoint_exhaustive_deterministic_and_sized():
     assert not np.array_equal(s.test, split_ratings(n, fold=2, seed=1).test)
 
 
-@pytest.mark.parametrize("fold", [-1, 5])
-def test_fold_outside_range(fold):
-    with pytest.raises(DataError, match=rf"data.fold={fold} is outside 0..4"):
+@pytest.mark.parametrize(("fold", "message"), [(-1, "data.fold=-1: must be an integer >= 0"),
+                                               (5, r"data.fold=5: must be an integer from 0 to 4 \(data.n_folds=5\)")])
+def test_fold_outside_range(fold, message):
+    with pytest.raises(UsageError, match=message):
         RatingsDataModule(fold=fold)
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("val_fraction", 0, "data.val_fraction=0: must be > 0 and < 1 (validation drives early stopping)"),
-    ("val_fraction", 1.0, "data.val_fraction=1.0: must be > 0 and < 1 (validation drives early stopping)"),
-    ("test_fraction", 0, "data.test_fraction=0: must be > 0 and < 1"),
-    ("test_fraction", -0.2, "data.test_fraction=-0.2: must be > 0 and < 1"),
-    ("batch_size", 0, "data.batch_size=0: must be a positive integer"),
-    ("batch_size", 2.5, "data.batch_size=2.5: must be a positive integer"),
-    ("eval_batch_size", -1, "data.eval_batch_size=-1: must be a positive integer"),
+    ("val_fraction", 0, "data.val_fraction=0: must be a number > 0 and < 1"),
+    ("val_fraction", 1.0, "data.val_fraction=1.0: must be a number > 0 and < 1"),
+    ("test_fraction", 0, "data.test_fraction=0: must be a number > 0 and < 1"),
+    ("test_fraction", -0.2, "data.test_fraction=-0.2: must be a number > 0 and < 1"),
+    ("batch_size", 0, "data.batch_size=0: must be an integer >= 1"),
+    ("batch_size", 2.5, "data.batch_size=2.5: must be an integer >= 1"),
+    ("eval_batch_size", -1, "data.eval_batch_size=-1: must be an integer >= 1"),
+    ("orientation", "rows", "data.orientation=rows: must be item or user"),
 ])
-def test_settings_are_refused_when_the_module_is_made(key, value, message):
-    with pytest.raises(DataError) as err:
+def test_settings_are_refused_when_the_module_is_made_and_up_front_alike(key, value, message):
+    from cfae.checks import check_config
+    from cfae.configs import compose
+
+    with pytest.raises(UsageError) as built:
         RatingsDataModule(**{key: value})
-    assert str(err.value) == message
+    with pytest.raises(UsageError) as up_front:
+        check_config(compose(f"data.{key}={value}"))
+    assert str(built.value) == str(up_front.value) == message
 
 
 @pytest.mark.parametrize("orientation", ["item", "user"])
@@ -569,10 +576,10 @@ def test_the_releases_own_split_file_is_checked_against_u_data(u_data, tmp_path)
 @pytest.mark.parametrize("kwargs, message", [
     ({"dataset": "ml1m", "split": "u1", "min_item_ratings": 0}, "GroupLens's ML-100K splits; data.dataset is ml1m"),
     ({"dataset": "ml100k", "split": "u1"}, r"data.min_item_ratings=10 would drop some of its test part"),
-    ({"dataset": "ml100k", "split": "u9", "min_item_ratings": 0}, "data.split='u9': expected one of random, u1, u2"),
+    ({"dataset": "ml100k", "split": "u9", "min_item_ratings": 0}, "data.split=u9: must be one of random, u1, u2"),
 ])
 def test_bad_grouplens_split_settings_are_refused_in_one_line(kwargs, message):
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(UsageError, match=message):
         RatingsDataModule(download=False, **kwargs)
 
 

@@ -7,6 +7,7 @@ import copy
 import hashlib
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import lightning as L
 import numpy as np
@@ -14,7 +15,15 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader
 
-from cfae.checks import DataError, is_int
+from cfae.checks import (
+    ConfigError,
+    Count,
+    DataError,
+    OpenFraction,
+    PositiveInt,
+    check_arguments,
+    one_of,
+)
 from cfae.data.means import fallback_predictions
 from cfae.data.movielens import dataset_spec, file_digest, locate_ratings, read_ratings, read_titles
 from cfae.data.ratings import Ratings, build_matrix
@@ -22,7 +31,6 @@ from cfae.data.splits import (
     GROUPLENS_SPLITS,
     VAE_CF_SEED,
     Split,
-    check_split,
     grouplens_test_lines,
     split_fixed_test,
     split_leave_last,
@@ -127,32 +135,30 @@ class RatingsDataModule(L.LightningDataModule):
         clicks_above: float | None = None,  # task=ranking: ratings above it are clicks (1), the others dropped
         root: str | None = None,  # None: $CFAE_DATA_DIR, else the user cache
         download: bool = True,
-        min_item_ratings: int = 10,  # the study, sec. 4.1
-        min_user_ratings: int = 0,
-        orientation: str = "item",
-        split: str = "random",  # see cfae/data/splits.py
-        fold: int = 0,
-        n_folds: int = 5,
-        test_fraction: float = 0.2,
-        val_fraction: float = 0.05,
-        leave_last: int = 1,  # split=leave_last: each user's last n ratings in time are the test part
+        min_item_ratings: Count = 10,  # the study, sec. 4.1
+        min_user_ratings: Count = 0,
+        orientation: Annotated[str, one_of("item", "user")] = "item",
+        split: Annotated[str, one_of(*SPLITS)] = "random",  # see cfae/data/splits.py
+        fold: Count = 0,
+        n_folds: PositiveInt = 5,
+        test_fraction: OpenFraction = 0.2,
+        val_fraction: OpenFraction = 0.05,  # validation drives early stopping and model selection
+        leave_last: PositiveInt = 1,  # split=leave_last: each user's last n ratings in time are the test part
         heldout_users: float = 0.1,  # split=users: held-out users per part, a count or a fraction of the users
-        scored_fraction: float = 0.2,  # split=users: the share of a held-out user's ratings that is scored
-        seed: int = 0,
-        batch_size: int = 256,
-        eval_batch_size: int = 1024,
+        scored_fraction: OpenFraction = 0.2,  # split=users: the share of a held-out user's ratings that is scored
+        seed: Count = 0,
+        batch_size: PositiveInt = 256,
+        eval_batch_size: PositiveInt = 1024,
         batches_on_device: str | bool = "auto",  # see train_dataloader
-        num_workers: int = 0,  # for batches sliced on the host
+        num_workers: Count = 0,  # for batches sliced on the host
     ):
+        check_arguments(type(self), {k: v for k, v in locals().items() if k != "self"}, "data.")  # cfae.checks
         super().__init__()
         self.spec = None if dataset == "table" else dataset_spec(dataset)
         if dataset == "table" and columns is None:
             raise DataError("data=table needs data.columns.user, data.columns.item and data.columns.rating")
-        if orientation not in ("item", "user"):
-            raise DataError(f"data.orientation={orientation!r}: expected 'item' or 'user'")
-        check_split(fold, n_folds, test_fraction, val_fraction)  # bad settings fail here, not at setup
-        if split not in SPLITS:
-            raise DataError(f"data.split={split!r}: expected one of {', '.join(SPLITS)}")
+        if fold >= n_folds:
+            raise ConfigError(f"data.fold={fold}: must be an integer from 0 to {n_folds - 1} (data.n_folds={n_folds})")
         if split in GROUPLENS_SPLITS:
             if dataset != "ml100k":
                 raise DataError(f"data.split={split} is one of GroupLens's ML-100K splits; data.dataset is {dataset}")
@@ -165,9 +171,6 @@ class RatingsDataModule(L.LightningDataModule):
         if split == "users" and orientation != "user":
             raise DataError("data.split=users holds out whole users, whom only user rows can take as input: set "
                             "data.orientation=user")
-        for key, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if not (is_int(size) and size > 0):
-                raise DataError(f"data.{key}={size}: must be a positive integer")
         self.dataset, self.root, self.download = dataset, root, download
         self.path, self.columns, self.sep = path, dict(columns or {}), sep
         self.scale = tuple(scale) if scale is not None else None

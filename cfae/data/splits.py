@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cfae.checks import DataError, is_int, is_number
+from cfae.checks import DataError, is_int
 
 NONE = np.empty(0, dtype=np.int64)
 
@@ -33,21 +33,11 @@ class Split(NamedTuple):
     test_foldin: np.ndarray = NONE
 
 
-def check_split(fold: int, n_folds: int, test_fraction: float, val_fraction: float) -> None:
-    if not 0 <= fold < n_folds:
-        raise DataError(f"data.fold={fold} is outside 0..{n_folds - 1}")
-    if not (is_number(test_fraction) and 0 < test_fraction < 1):
-        raise DataError(f"data.test_fraction={test_fraction}: must be > 0 and < 1")
-    if not (is_number(val_fraction) and 0 < val_fraction < 1):
-        raise DataError(f"data.val_fraction={val_fraction}: must be > 0 and < 1 (validation drives early stopping)")
-
-
 def split_ratings(n_ratings: int, fold: int, n_folds: int = 5, test_fraction: float = 0.2,
                   val_fraction: float = 0.05, seed: int = 0) -> Split:
     """Fold `fold` of `n_folds` independent random splits, as in the study (sec. 4.1: "the test sets are
     not disjoint but rather sampled randomly"). The validation part is `val_fraction` of the training part.
     """
-    check_split(fold, n_folds, test_fraction, val_fraction)
     order = np.random.default_rng([seed, fold]).permutation(n_ratings)
     n_test = round(test_fraction * n_ratings)
     n_val = round(val_fraction * (n_ratings - n_test))
@@ -78,8 +68,6 @@ def grouplens_test_lines(n_lines: int, split: str, where: str) -> np.ndarray:
 def split_fixed_test(is_test: np.ndarray, val_fraction: float = 0.05, seed: int = 0) -> Split:
     """A split whose test part is given (`is_test`, over the ratings in CSR data order); the validation part
     is a random `val_fraction` of the rest, so it is carved from the training file only."""
-    if not (is_number(val_fraction) and 0 < val_fraction < 1):
-        raise DataError(f"data.val_fraction={val_fraction}: must be > 0 and < 1 (validation drives early stopping)")
     rest = np.flatnonzero(~is_test)
     order = np.random.default_rng([seed, 0]).permutation(len(rest))
     n_val = round(val_fraction * len(rest))
