@@ -52,7 +52,7 @@ from cfae.configs import CONF
 from cfae.console import logging_kept
 from cfae.metrics import FIT_SECONDS, headline
 from cfae.processes import has_died, keep_freed_memory
-from cfae.tracking import close_dead_runs, config_digest, finished_study_runs, mlflow_client
+from cfae.tracking import PROCESS_DIED, close_dead_runs, config_digest, finished_study_runs, mlflow_client
 
 log = logging.getLogger("cfae.study")
 
@@ -257,8 +257,9 @@ class StudySweeper(Sweeper):
 
     def outcomes_in_store(self, batch: list[Run], since: int) -> list:
         """How each run of a batch whose launcher failed ended, from the MLflow store, once the batch's runs still
-        alive on this machine have ended: its metrics (FINISHED), STOPPED (KILLED), DIED (its process died),
-        its error (FAILED), or None (never started; or still running elsewhere)."""
+        alive on this machine have ended: its metrics (FINISHED), Stopped (KILLED), DIED (its process died), its
+        error (FAILED, or still running on another machine: not run again beside itself), or None (never
+        started)."""
         client, experiment_id = mlflow_client(self.config.logger.uri, self.config.logger.experiment_name)
         query = f"tags.`cfae.study` = '{self.name}' and attributes.start_time >= {since}"
         here = socket.gethostname() + ":"
@@ -273,12 +274,15 @@ class StudySweeper(Sweeper):
         for run in batch:
             r = newest.get(run.key)
             error = r.data.tags.get("error", "") if r else ""
-            if r is None or r.info.status == "RUNNING":
+            if r is None:
                 outcomes.append(None)
+            elif r.info.status == "RUNNING":
+                outcomes.append(RuntimeError("still running on another machine when its launcher failed; run the "
+                                             "study again once it has ended"))
             elif r.info.status in ("FINISHED", "KILLED"):
                 outcomes.append(r.data.metrics if r.info.status == "FINISHED" else launch.Stopped(signal.SIGTERM))
             else:
-                outcomes.append(DIED if error.startswith("its process (") else RuntimeError(error))
+                outcomes.append(DIED if PROCESS_DIED in error else RuntimeError(error))
         return outcomes
 
 
@@ -286,7 +290,7 @@ DIED = "died"  # how a run ended whose process died before it could close it
 
 
 def outcome(ret: JobReturn):
-    """What a job returned (a run's metrics, or STOPPED), or the exception it raised."""
+    """What a job returned (a run's metrics, or Stopped), or the exception it raised."""
     try:
         return ret.return_value  # raises the job's exception
     except Exception as err:
@@ -295,7 +299,7 @@ def outcome(ret: JobReturn):
 
 def run_one(cfg: DictConfig) -> dict[str, float] | launch.Stopped:
     """A study's run, in the job its launcher gave it: trained as train.py trains one, a line to the study's log as
-    it starts and ends; STOPPED if the study is stopping (it does not start) or a signal stopped it (KILLED)."""
+    it starts and ends; Stopped if the study is stopping (it does not start) or a signal stopped it (KILLED)."""
     from cfae.console import quiet_libraries
     from cfae.train import train
 

@@ -204,6 +204,9 @@ def log_dataset(client: MlflowClient, run_id: str, dataset: DatasetInput) -> Non
         client.log_inputs(run_id, [dataset])
 
 
+PROCESS_DIED = "ended without closing it"  # in the `error` tag of a run whose process died
+
+
 def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     """Mark FAILED, with an `error` tag, the RUNNING runs whose process (tag `cfae.process`) is known to have
     ended without closing them (kill -9, out of memory); the ids of those runs. The commands that start runs
@@ -212,7 +215,7 @@ def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000):
         process = run.data.tags.get("cfae.process")
         if process and has_died(process):
-            client.set_tag(run.info.run_id, "error", f"its process ({process}) ended without closing it: "
+            client.set_tag(run.info.run_id, "error", f"its process ({process}) {PROCESS_DIED}: "
                                                      "killed, out of memory or crashed")
             client.set_terminated(run.info.run_id, "FAILED")
             closed.append(run.info.run_id)
