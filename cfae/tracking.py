@@ -228,8 +228,10 @@ def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
 NOT_THE_RESULT = ("output_dir", "logger", "resume", "threads", "keep_freed_memory", "checkpoint_every_s",
                   "save_model", "callbacks.optuna_trial", "callbacks.study_stop", "choices",
                   "trainer.enable_progress_bar", "data.root", "data.download", "data.num_workers")
-# Which device computes it, left out once resolved: the numbers' precision, which the device decides, stays.
-THE_DEVICE = ("trainer.accelerator", "trainer.devices")
+# Which device computes it: hashed as the default device once resolved, so that a run placed on GPU 1 counts as
+# the run composed without placement, and a store's earlier runs keep counting as done; the numbers' precision,
+# which the device decides, stays.
+THE_DEVICE = {"accelerator": "auto", "devices": 1}
 # Top-level switches left out of the digest while they are off: a run with one off computes what a run
 # without the switch computes, so a store's runs keep counting as done.
 OFF_IS_THE_RESULT = {"refit": False}
@@ -237,14 +239,16 @@ OFF_IS_THE_RESULT = {"refit": False}
 
 def config_digest(cfg: DictConfig) -> str:
     """A short hash of the resolved configuration that decides a run's result: dataset, split, model,
-    optimizer, trainer and the rest, without where it writes (`NOT_THE_RESULT`) nor which device computes it."""
+    optimizer, trainer and the rest, without where it writes (`NOT_THE_RESULT`) nor which device computes it
+    (`THE_DEVICE`)."""
     config = OmegaConf.to_container(cfg, resolve=False)  # dropped first: output_dir may need Hydra to resolve
     _drop(config, NOT_THE_RESULT)
     for key, off in OFF_IS_THE_RESULT.items():
         if config.get(key) == off:
             config.pop(key)
     resolved = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
-    _drop(resolved, THE_DEVICE)
+    if isinstance(resolved.get("trainer"), dict):
+        resolved["trainer"].update(THE_DEVICE)
     return hashlib.sha256(OmegaConf.to_yaml(resolved).encode()).hexdigest()[:16]
 
 

@@ -230,3 +230,15 @@ def test_a_figures_footer_is_wrapped_to_the_figure_and_names_no_absolute_path(tm
     box = footer.get_window_extent()
     assert box.x1 <= fig.bbox.x1 and "/home/someone" not in footer.get_text()
     plt.close(fig)
+
+
+def test_a_runs_digest_is_pinned_and_the_same_wherever_the_run_computes():
+    """A study resumes by its store's digests: what a digest hashes changes only on purpose (the value is pinned),
+    and the device a launcher places a run on leaves it as composed."""
+    from cfae.configs import compose
+    from cfae.tracking import config_digest
+
+    run = ("+experiment=autorec", "data.fold=0", "trainer.precision=32-true")
+    assert config_digest(compose(*run)) == "a79e8a4cae718dfc"
+    for placed in (["threads=1"], ["trainer.accelerator=cpu"], ["trainer.accelerator=gpu", "trainer.devices=[1]"]):
+        assert config_digest(compose(*run, *placed)) == "a79e8a4cae718dfc", placed
