@@ -18,7 +18,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
-from cfae.processes import usable_cores
+from cfae.processes import this_process, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +36,36 @@ def quoted(value: str) -> str:
 
 
 # -- placing jobs --------------------------------------------------------------------------------------------
+def kind(launcher: DictConfig) -> str:
+    """What the launcher `launcher` (hydra.launcher) is to cfae: "basic" (each job in the launching process, in
+    turn), "joblib" (a pool of worker processes), "submitit_local" (a process per job, a batch at once) or
+    "cluster" (jobs on other machines: submitit's SLURM, Ray, ...)."""
+    target = launcher.get("_target_", "")
+    for suffix, name in (("BasicLauncher", "basic"), ("JoblibLauncher", "joblib"), ("LocalLauncher", "submitit_local")):
+        if target.endswith(suffix):
+            return name
+    return "cluster"
+
+
 def device_overrides(batch_size: int, n_gpus: int, n_cpus: int, parallel: int | None = None) -> list[tuple[str, ...]]:
-    """Overrides placing each job of a batch whose jobs run `parallel` at a time (default: all at once):
-    one GPU each, round robin, when there are GPUs, else an equal share of the CPU cores."""
+    """Overrides placing each job of a batch whose jobs run `parallel` at a time (default: all at once): an
+    equal share of the CPU cores each and, when there are GPUs, one GPU each, round robin."""
     parallel = min(batch_size, parallel or batch_size)
+    threads = f"threads={max(1, n_cpus // parallel)}"
     if n_gpus > 0:
-        return [("trainer.accelerator=gpu", f"trainer.devices=[{i % n_gpus}]") for i in range(batch_size)]
-    return [(f"threads={max(1, n_cpus // parallel)}",)] * batch_size
+        return [("trainer.accelerator=gpu", f"trainer.devices=[{i % n_gpus}]", threads) for i in range(batch_size)]
+    return [(threads,)] * batch_size
 
 
 def local_parallelism(launcher: DictConfig, batch_size: int) -> int | None:
     """How many jobs of a batch a launcher runs at once on this machine (submitit's local launcher: the whole
-    batch); None for launchers that place jobs on other machines (submitit's SLURM, Ray), where the cluster
-    assigns devices and cfae leaves placement alone."""
-    target = launcher.get("_target_", "")
-    if target.endswith("BasicLauncher"):
-        return 1
-    if target.endswith("JoblibLauncher"):
-        n_jobs = launcher.get("n_jobs", -1)
-        return usable_cores() if n_jobs in (None, -1) else n_jobs
-    if target.endswith("LocalLauncher"):
-        return batch_size
-    return None
+    batch; joblib's n_jobs as joblib reads it, -1 all cores, -2 all but one); None for launchers that place jobs
+    on other machines, where the cluster assigns devices and cfae leaves placement alone."""
+    name = kind(launcher)
+    if name == "joblib":
+        n_jobs = launcher.get("n_jobs") or -1
+        return n_jobs if n_jobs > 0 else max(1, usable_cores() + 1 + n_jobs)
+    return {"basic": 1, "submitit_local": batch_size}.get(name)
 
 
 def placement(launcher: DictConfig, batch_size: int) -> list[tuple[str, ...]]:
@@ -71,19 +79,20 @@ def placement(launcher: DictConfig, batch_size: int) -> list[tuple[str, ...]]:
     return device_overrides(batch_size, torch.cuda.device_count(), usable_cores(), parallel)
 
 
-def in_this_process(launcher: DictConfig) -> bool:
-    """Whether the launcher runs each job in the launching process itself (Hydra's basic launcher)."""
-    return launcher.get("_target_", "").endswith("BasicLauncher")
+def first_line(err: BaseException) -> str:
+    """An error's first line, or its type where it says nothing."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 # -- stopping every run ------------------------------------------------------------------------------------------
 class StopWhenAsked(Callback):
     """Stops its run, as SIGTERM stops one (state saved, MLflow run KILLED), once the file `path` exists: how a
     command that launched runs stops them wherever its launcher put them (other processes, other machines with
-    the folder shared). A thread looks for the file every `every_s` seconds while the run trains and tests."""
+    the folder shared). A thread looks for the file every `every_s` seconds while the run trains and tests.
+    `command`: the launching process (`processes.this_process()`), for `leave_the_terminal`."""
 
-    def __init__(self, path: str, every_s: float = 1.0):
-        self.path, self.every_s = Path(path), every_s
+    def __init__(self, path: str, command: str = "", every_s: float = 1.0):
+        self.path, self.command, self.every_s = Path(path), command, every_s
         self.done: threading.Event | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -107,12 +116,22 @@ class StopWhenAsked(Callback):
         self.teardown(trainer, pl_module, "")
 
 
+def leave_the_terminal(command: str) -> None:
+    """A job's process out of the terminal's process group, unless it is the launching process `command` itself:
+    Ctrl-C and a hang-up then reach the command alone, which stops each run through the file (a run they reached
+    as well would take the file's stop for a second signal, and stop at once without saving its cut-short
+    epoch)."""
+    if command and command != this_process():
+        os.setpgrp()
+
+
 @contextlib.contextmanager
 def stopped_by_signals(path: Path) -> Iterator[Callable[[], signal.Signals | None]]:
     """While the block runs, Ctrl-C, SIGTERM or SIGHUP writes the file `path` that every run launched with
     `StopWhenAsked(path)` watches, and the launching process waits for them to stop instead of dying at once
     (a launcher such as joblib's would kill its workers before their runs were closed). Yields what says which
-    signal came, if one did; the file is removed at the end."""
+    signal came, if one did. The file is removed as the block starts, and at its end unless a signal came: jobs
+    that start later (queued on a cluster) find it and run nothing."""
     received: list[signal.Signals] = []
 
     def stop(signum, frame) -> None:
@@ -131,4 +150,5 @@ def stopped_by_signals(path: Path) -> Iterator[Callable[[], signal.Signals | Non
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        path.unlink(missing_ok=True)
+        if not received:
+            path.unlink(missing_ok=True)

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import fnmatch
+import io
 import logging
 import shlex
 import signal
@@ -51,7 +53,7 @@ from cfae.checks import ConfigError, check_config, reported_in_one_line
 from cfae.configs import CONF
 from cfae.console import logging_kept
 from cfae.metrics import FIT_SECONDS, headline
-from cfae.processes import has_died, keep_freed_memory
+from cfae.processes import has_died, keep_freed_memory, this_process
 from cfae.tracking import PROCESS_DIED, close_dead_runs, config_digest, finished_study_runs, mlflow_client
 
 log = logging.getLogger("cfae.study")
@@ -118,11 +120,12 @@ def planned(config: str, folds: str | None = None, only: str | None = None, skip
 
 
 def finished(name: str, uri: str | None, experiment_name: str) -> set[tuple[str, str]]:
-    """(key, config digest) of the study's FINISHED runs."""
+    """(key, config digest) of the study's FINISHED runs: the digest each run computed, and the one the study
+    computed for it (`cfae.planned`)."""
     client, experiment_id = mlflow_client(uri, experiment_name)
     close_dead_runs(client, experiment_id)  # a run killed in an earlier try is FAILED, so not done
-    return {(r.data.tags["cfae.key"], r.data.tags.get("cfae.config", "")) for r in
-            finished_study_runs(client, experiment_id, name)}
+    return {(r.data.tags["cfae.key"], r.data.tags.get(tag, "")) for r in
+            finished_study_runs(client, experiment_id, name) for tag in ("cfae.config", "cfae.planned")}
 
 
 def progress(done: int, total: int, start: float) -> str:
@@ -146,7 +149,7 @@ class StudySweeper(Sweeper):
         self.config, self.hydra_context = config, hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
                                                                 task_function=task_function)
-        self.stop_file = Path(config.hydra.sweep.dir).resolve() / f".stop-{socket.gethostname()}-{id(self)}"
+        self.stop_file = Path(config.hydra.sweep.dir).resolve() / ".stop"  # in the folder every job sees
         self.job_idx = 0
 
     def sweep(self, arguments: list[str]) -> None:
@@ -154,8 +157,8 @@ class StudySweeper(Sweeper):
             if not self.config.get("logger"):
                 raise ConfigError("logger=none: the study records its runs in MLflow; drop logger=none")
             runs = planned(self.plan_path, self.folds, self.only, self.skip)
-            jobs = {r.key: self.job_overrides(r, arguments) for r in runs}
-            digests = {key: self.checked_digest(overrides) for key, overrides in jobs.items()}
+            digests = {r.key: self.checked_digest(self.job_overrides(r, arguments)) for r in runs}
+            jobs = {r.key: self.job_overrides(r, arguments, digests[r.key]) for r in runs}
             done = finished(self.name, self.config.logger.uri, self.config.logger.experiment_name)
         todo = [r for r in runs if (r.key, digests[r.key]) not in done]
         log.info("study %r: %d runs, %d already finished, %d to run", self.name, len(runs), len(runs) - len(todo),
@@ -178,16 +181,19 @@ class StudySweeper(Sweeper):
         if stopped or failed:
             raise SystemExit(128 + stopped if stopped else 1)
 
-    def job_overrides(self, run: Run, arguments: list[str]) -> list[str]:
-        """The run as its job's overrides: `train.py`'s, the study's tags on its MLflow run, its folder and the
-        file that stops it. Its own overrides (fold, protocol, the figure's knob) come after the command's:
-        they win. Its checkpoints, not a packaged model (12 MB a run on ML-1M), unless the command says
-        save_model=true."""
-        tags = {**run.tags, "cfae.study": self.name, "cfae.key": run.key, "cfae.command": self.command}
+    def job_overrides(self, run: Run, arguments: list[str], planned: str = "") -> list[str]:
+        """The run as its job's overrides: `train.py`'s, the study's tags on its MLflow run (`cfae.planned`: the
+        digest of its config as the study composed it, which resumes it even where the job resolves a value
+        otherwise: a GPU node's precision), its folder and the file that stops it. Its own overrides (fold,
+        protocol, the figure's knob) come after the command's: they win. Its checkpoints, not a packaged model
+        (12 MB a run on ML-1M), unless the command says save_model=true."""
+        tags = {**run.tags, "cfae.study": self.name, "cfae.key": run.key, "cfae.command": self.command,
+                "cfae.planned": planned}
         return [f"+experiment={run.experiment}", "save_model=false", *arguments, *run.overrides,
                 "++logger.tags={" + ",".join(f"{k}:{launch.quoted(v)}" for k, v in tags.items()) + "}",
                 f"hydra.sweep.subdir={launch.quoted(run.key.replace('=', '-'))}", "trainer.enable_progress_bar=false",
-                f"++callbacks.study_stop={{_target_:cfae.launch.StopWhenAsked,path:{launch.quoted(self.stop_file)}}}"]
+                f"++callbacks.study_stop={{_target_:cfae.launch.StopWhenAsked,path:{launch.quoted(self.stop_file)},"
+                f"command:{launch.quoted(this_process())}}}"]
 
     def checked_digest(self, overrides: list[str]) -> str:
         """The run's config, composed as its launcher will compose it, checked; its digest."""
@@ -204,19 +210,19 @@ class StudySweeper(Sweeper):
         with GPUs (a GPU each is given batch by batch); for submitit `--jobs` (its local launcher starts a
         batch at once), or all."""
         launcher = self.config.hydra.launcher
-        if launch.in_this_process(launcher):
+        if launch.kind(launcher) == "basic":
             return 1
-        if launcher.get("_target_", "").endswith("JoblibLauncher"):
+        if launch.kind(launcher) == "joblib":
             import torch
 
-            return launch.local_parallelism(launcher, n) if torch.cuda.device_count() else n
+            return min(n, launch.local_parallelism(launcher, n)) if torch.cuda.device_count() else n
         return min(n, self.jobs or n)
 
     def run_all(self, todo: list[Run], jobs: dict[str, list[str]]) -> tuple[list[str], signal.Signals | None]:
         """Every run of `todo`, through the launcher: (the keys of those that failed, the signal that stopped the
         study, if one did)."""
         queue, tries, failed, ended, start = list(todo), collections.Counter(), [], 0, time.perf_counter()
-        in_this_process = launch.in_this_process(self.config.hydra.launcher)
+        launcher = launch.kind(self.config.hydra.launcher)
         with launch.stopped_by_signals(self.stop_file) as signalled:
             while queue and not signalled():
                 size = self.batch_size(len(queue))
@@ -228,11 +234,17 @@ class StudySweeper(Sweeper):
                                                    initial_job_idx=self.job_idx)
                     outcomes = [outcome(ret) for ret in returns]
                 except Exception as err:  # a worker died and took its launcher's pool down (joblib, submitit)
-                    log.error("the launcher lost its jobs: %s", str(err).strip().splitlines()[0])
+                    log.error("the launcher lost its jobs: %s", launch.first_line(err))
                     outcomes = self.outcomes_in_store(batch, since)
+                    if all(result is None for result in outcomes):  # not one run started: it cannot go on
+                        raise
+                    if launcher != "joblib":  # whose jobs may yet start (queued): not run again beside themselves
+                        outcomes = [RuntimeError(f"not known to have run when its launcher failed ({err}); run the "
+                                                 "study again to run it") if result is None else result
+                                    for result in outcomes]
                 self.job_idx += len(batch)
                 for run, result in zip(batch, outcomes):
-                    if result is None:  # never started
+                    if result is None:  # never started: joblib's pool died with a worker before it took the run
                         queue.append(run)
                         continue
                     if result == DIED:
@@ -244,12 +256,14 @@ class StudySweeper(Sweeper):
                         log.error("%s failed: its process died, %d times", run.key, tries[run.key])
                         failed.append(run.key)
                     elif isinstance(result, launch.Stopped):
-                        if in_this_process:  # the signal came to the study itself
-                            return failed, result.signal
-                        if result.signal is not None and not signalled():  # someone stopped this run alone
+                        if launcher == "basic":  # the signal came to the study itself
+                            return failed, signalled() or result.signal
+                        if result.signal is None:  # the study was stopping: it did not start
+                            continue
+                        if not signalled():  # someone stopped this run alone
                             failed.append(run.key)
                     elif isinstance(result, BaseException):
-                        log.error("%s failed: %s: %s", run.key, type(result).__name__, result)
+                        log.error("%s failed: %s: %s", run.key, type(result).__name__, launch.first_line(result))
                         failed.append(run.key)
                     ended += 1
                 log.info("%d of %d runs ended (%s)", ended, len(todo), progress(ended, len(todo), start))
@@ -292,7 +306,8 @@ DIED = "died"  # how a run ended whose process died before it could close it
 def outcome(ret: JobReturn):
     """What a job returned (a run's metrics, or Stopped), or the exception it raised."""
     try:
-        return ret.return_value  # raises the job's exception
+        with contextlib.redirect_stderr(io.StringIO()):  # Hydra's "Error executing job with overrides: [...]"
+            return ret.return_value  # raises the job's exception, which the study says in one line
     except Exception as err:
         return err
 
@@ -306,19 +321,22 @@ def run_one(cfg: DictConfig) -> dict[str, float] | launch.Stopped:
     key, stop = cfg.logger.tags["cfae.key"], cfg.callbacks.get("study_stop")
     if stop is not None and Path(stop.path).exists():
         return launch.Stopped()
+    if stop is not None:
+        launch.leave_the_terminal(stop.command)
     quiet_libraries()
     if cfg.keep_freed_memory:
         keep_freed_memory()
-    log.info("%s started", key)
+    said = logging.getLogger("cfae.study.run")  # the run's lines: the console and the run's own log
+    said.info("%s started", key)
     try:
         metrics = train(cfg)
     except SystemExit as err:
         if isinstance(err.code, int) and err.code > 128:
             signum = signal.Signals(err.code - 128)
-            log.warning("%s stopped by %s", key, signum.name)
+            said.warning("%s stopped by %s", key, signum.name)
             return launch.Stopped(signum)
         raise
-    log.info("%s done in %.0f s: %s", key, metrics[FIT_SECONDS], headline(metrics))
+    said.info("%s done in %.0f s: %s", key, metrics[FIT_SECONDS], headline(metrics))
     return metrics
 
 

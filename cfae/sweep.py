@@ -45,7 +45,7 @@ from optuna.samplers import BaseSampler
 from optuna.trial import TrialState
 
 from cfae import launch, studies
-from cfae.checks import ConfigError, UsageError, check_config, check_knob, refused_up_front, reported_in_one_line
+from cfae.checks import ConfigError, check_config, check_knob, refused_up_front, reported_in_one_line
 from cfae.metrics import VAL_RMSE_BEST
 from cfae.processes import git_commit, this_process
 from cfae.stores import store_lock
@@ -407,12 +407,12 @@ def package(client, run) -> bool:
     save_model=false), from its folder, and log it to the run; whether it could."""
     from cfae.train import packaged
 
-    with tempfile.TemporaryDirectory() as tmp:
-        output_dir = Path(OmegaConf.load(client.download_artifacts(run.info.run_id, "config.yaml", tmp)).output_dir)
     try:
-        saved = packaged(output_dir)
-    except (UsageError, OSError) as err:  # its folder is on another machine, or gone
-        log.warning("the best trial's model could not be packaged: %s", str(err).splitlines()[0])
+        with tempfile.TemporaryDirectory() as tmp:
+            config = client.download_artifacts(run.info.run_id, "config.yaml", tmp)
+            saved = packaged(Path(OmegaConf.load(config).output_dir))
+    except Exception as err:  # its folder on another machine, or gone: the sweep's own end comes first
+        log.warning("the best trial's model could not be packaged: %s", launch.first_line(err))
         return False
     client.log_artifacts(run.info.run_id, str(saved), "model")
     return True

@@ -267,7 +267,7 @@ def test_a_study_on_a_parallel_launcher_survives_a_killed_worker_and_stops_every
                            for r in stopped), said[-3000:]
     assert len(runs["fig3_latent_size"]) < 6  # none started once it was stopping
     assert all(has_died(r.data.tags["cfae.process"]) for rows in runs.values() for r in rows)  # no worker left
-    assert not list(tmp_path.glob("out/pair/.stop-*"))  # its stop file is gone
+    assert (tmp_path / "out" / "pair" / ".stop").is_file()  # left for jobs that start later: they run nothing
 
 
 @pytest.mark.slow

@@ -164,8 +164,7 @@ def test_parallel_trials_share_the_cores(data_root, tmp_path):
 
 def test_each_parallel_trial_gets_its_own_gpu_or_its_share_of_cores():
     assert device_overrides(4, n_gpus=2, n_cpus=16) == [
-        ("trainer.accelerator=gpu", "trainer.devices=[0]"), ("trainer.accelerator=gpu", "trainer.devices=[1]"),
-        ("trainer.accelerator=gpu", "trainer.devices=[0]"), ("trainer.accelerator=gpu", "trainer.devices=[1]")]
+        ("trainer.accelerator=gpu", f"trainer.devices=[{i % 2}]", "threads=4") for i in range(4)]
     assert device_overrides(3, n_gpus=0, n_cpus=16) == [("threads=5",)] * 3
     assert device_overrides(4, n_gpus=0, n_cpus=2) == [("threads=1",)] * 4
     assert device_overrides(4, n_gpus=0, n_cpus=16, parallel=1) == [("threads=16",)] * 4
@@ -181,6 +180,7 @@ def test_placement_follows_the_launcher():
     joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
     assert local_parallelism(launcher(joblib, n_jobs=3), 4) == 3
     assert local_parallelism(launcher(joblib, n_jobs=-1), 4) == usable_cores()
+    assert local_parallelism(launcher(joblib, n_jobs=-2), 4) == max(1, usable_cores() - 1)  # joblib's all but one
     local = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
     assert local_parallelism(launcher(local), 4) == 4  # the whole batch at once
     slurm = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
