@@ -382,11 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     argv_before, sys.argv = sys.argv, ["cfae study", "--multirun", "hydra/sweeper=study", "hydra/job_logging=study",
                                        "hydra/hydra_logging=study", *study,
                                        f"hydra.sweep.dir={launch.quoted(Path(args.output_dir) / name)}", *overrides]
+    hydra_config = HydraConfig.instance().cfg  # the launcher leaves its last job's there
     try:
         with logging_kept():  # for a caller in Python; a command's process ends here anyway
             study_runs()
     finally:
-        sys.argv = argv_before
+        sys.argv, HydraConfig.instance().cfg = argv_before, hydra_config
     return 0
 
 

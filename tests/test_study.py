@@ -46,6 +46,9 @@ def mini_study(data_root, tmp_path_factory):
     argv = ["--config", str(tmp_path / "plan.yaml"), "--output-dir", str(tmp_path / "out"), "--",
             *overrides(data_root, tmp_path)]
     assert study.main(argv) == 0
+    from hydra.core.hydra_config import HydraConfig
+
+    assert not HydraConfig.initialized()  # as before the call: a run composed next is not named by its last job
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     return tmp_path, argv, client
 
