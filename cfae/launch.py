@@ -89,10 +89,11 @@ class StopWhenAsked(Callback):
     """Stops its run, as SIGTERM stops one (state saved, MLflow run KILLED), once the file `path` exists: how a
     command that launched runs stops them wherever its launcher put them (other processes, other machines with
     the folder shared). A thread looks for the file every `every_s` seconds while the run trains and tests.
-    `command`: the launching process (`processes.this_process()`), for `leave_the_terminal`."""
+    `command` (the launching process, `processes.this_process()`) is read by the job before it trains, for
+    `leave_the_terminal`; the callback has no use for it."""
 
     def __init__(self, path: str, command: str = "", every_s: float = 1.0):
-        self.path, self.command, self.every_s = Path(path), command, every_s
+        self.path, self.every_s = Path(path), every_s
         self.done: threading.Event | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:

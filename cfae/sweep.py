@@ -153,8 +153,9 @@ class PerTrialSeeds(BaseSampler):
 def trial_callback(study: str, storage: str, number: int, parent_run_id: str | None) -> list[str]:
     """The override that gives a trial's job its `TrialReporting` callback (cfae/studies.py): all a training run
     is told of its sweep."""
-    return [f"++callbacks.optuna_trial={{_target_:cfae.studies.TrialReporting,study:'{study}',storage:'{storage}',"
-            f"number:{number},monitor:${{task.monitor}},parent_run_id:{parent_run_id or 'null'}}}"]
+    return [f"++callbacks.optuna_trial={{_target_:cfae.studies.TrialReporting,study:{launch.quoted(study)},"
+            f"storage:{launch.quoted(storage)},number:{number},monitor:${{task.monitor}},"
+            f"parent_run_id:{parent_run_id or 'null'}}}"]
 
 
 # -- the sweeper -----------------------------------------------------------------------------------------------

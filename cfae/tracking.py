@@ -242,7 +242,12 @@ def config_digest(cfg: DictConfig) -> str:
     optimizer, trainer and the rest, without where it writes (`NOT_THE_RESULT`) nor which device computes it
     (`THE_DEVICE`)."""
     config = OmegaConf.to_container(cfg, resolve=False)  # dropped first: output_dir may need Hydra to resolve
-    _drop(config, NOT_THE_RESULT)
+    for key in NOT_THE_RESULT:
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node.get(parent) or {}
+        node.pop(leaf, None)
     for key, off in OFF_IS_THE_RESULT.items():
         if config.get(key) == off:
             config.pop(key)
@@ -250,15 +255,6 @@ def config_digest(cfg: DictConfig) -> str:
     if isinstance(resolved.get("trainer"), dict):
         resolved["trainer"].update(THE_DEVICE)
     return hashlib.sha256(OmegaConf.to_yaml(resolved).encode()).hexdigest()[:16]
-
-
-def _drop(config: dict, keys: tuple[str, ...]) -> None:
-    for key in keys:
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node.get(parent) or {}
-        node.pop(leaf, None)
 
 
 def finished_study_runs(client: MlflowClient, experiment_id: str, study: str) -> list:

@@ -48,7 +48,7 @@ def mini_study(data_root, tmp_path_factory):
     assert study.main(argv) == 0
     from hydra.core.hydra_config import HydraConfig
 
-    assert not HydraConfig.initialized()  # as before the call: a run composed next is not named by its last job
+    assert not HydraConfig.initialized()  # a run composed next in this process is named by its own config
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     return tmp_path, argv, client
 
